@@ -1,0 +1,1 @@
+"""Lightning callbacks of lit_sapo, installed as ``lit_sapo.callbacks``."""

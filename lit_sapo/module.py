@@ -1,0 +1,345 @@
+"""SAPOModule: the policy, the gated objective and the inner updates of each rollout (manual optimization).
+
+One `training_step` = one rollout = `ppo_epochs` x `num_minibatches` optimizer steps. Lightning's
+`trainer.global_step` (and so `trainer.max_steps`) counts optimizer steps; `rollout/step` counts rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MaxMetric, MeanMetric, MinMetric
+
+from lit_sapo.correction import CORRECTION_MODES, rollout_correction_weights
+from lit_sapo.gates import get_gate
+from lit_sapo.models import ModelSpec, check_model_spec, load_policy, load_tokenizer, resolve_source
+from lit_sapo.objective import GateTerms, policy_loss
+from lit_sapo.rollout import RolloutBatch
+from lit_sapo.scoring import completion_logprobs, install_scoring_head
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW with linear warm-up, then constant, linear or cosine decay to `min_lr_ratio` x lr."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0."""
+    schedule: str = "constant"
+    """constant, linear or cosine decay after warm-up, over trainer.max_steps optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay, as a fraction of lr."""
+
+
+@dataclass
+class UpdateRecord:
+    """What one micro-batch of one inner update saw: for callbacks (see README, 'Your own metrics')."""
+
+    epoch: int
+    minibatch: int
+    rows: torch.Tensor  # indices into the rollout batch
+    terms: GateTerms  # per-token log_ratio, ratio, gate_value, gate_grad, tau, advantages, mask (detached)
+    entropy: torch.Tensor | None  # per-token entropy [rows, C] (detached), when compute_entropy
+
+
+@dataclass
+class StepOutput:
+    """`training_step`'s output, passed to every callback's `on_train_batch_end` as `outputs`."""
+
+    loss: torch.Tensor
+    batch: RolloutBatch
+    old_logprobs: torch.Tensor
+    updates: list[UpdateRecord] = field(default_factory=list)
+
+
+_STAT_KEYS = ("loss", "pg_loss", "kl", "eur", "gated_frac", "clip_frac", "gate_mean", "ratio_mean",
+              "ratio_sq", "log_ratio_mean", "log_ratio_sq", "entropy")
+
+
+class SAPOModule(LightningModule):
+    """Policy optimisation with a soft gate (SAPO and family) or the hard clip (GRPO).
+
+    Args:
+        model: the policy to train.
+        gate: sigmoid (SAPO), erf, arctan, softsign, clip (GRPO/DAPO), none, or a class path.
+        tau_pos: gate temperature for tokens with positive advantage.
+        tau_neg: gate temperature for tokens with non-positive advantage.
+        eps_low: lower clip range of the clip gate.
+        eps_high: upper clip range of the clip gate (> eps_low: DAPO clip-higher).
+        level: token or sequence (GSPO-style) importance ratio.
+        aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm.
+        norm_length: the constant divisor of seq-mean-token-sum-norm (Dr.GRPO); default max_new_tokens.
+        max_log_ratio: clamp of log r before exp.
+        kl_coef: weight of the KL penalty to a frozen reference (0 = no reference model is loaded).
+        kl_estimator: k1, k2 or k3.
+        reference: the reference model (default: the same as `model`).
+        ppo_epochs: passes over each rollout.
+        num_minibatches: optimizer steps per pass.
+        micro_batch_size: sequences per forward/backward (gradient accumulation); None = whole minibatch.
+        optimizer: AdamW settings and schedule.
+        max_grad_norm: gradient clipping by global norm (0 = off).
+        logprob_chunk_size: rows of the chunked log-prob computation.
+        compute_entropy: compute token entropy during the update (no gradient; logged as train/entropy).
+        rollout_correction: none, token_tis, seq_tis, token_mask, seq_mask: sampler/trainer mismatch correction.
+        correction_cap: cap of the truncated IS weight, or the mask threshold.
+        activation_checkpointing: under FSDP2, checkpoint each decoder layer.
+    """
+
+    def __init__(self, model: ModelSpec | None = None, gate: str = "sigmoid", tau_pos: float = 1.0,
+                 tau_neg: float = 1.05, eps_low: float = 0.2, eps_high: float = 0.2, level: str = "token",
+                 aggregation: str = "seq-mean-token-mean", norm_length: int | None = None,
+                 max_log_ratio: float = 20.0, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                 reference: ModelSpec | None = None, ppo_epochs: int = 1, num_minibatches: int = 1,
+                 micro_batch_size: int | None = None, optimizer: OptimizerSettings | None = None,
+                 max_grad_norm: float = 1.0, logprob_chunk_size: int = 1024, compute_entropy: bool = True,
+                 rollout_correction: str = "none", correction_cap: float = 2.0,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = model or ModelSpec()
+        self.gate = get_gate(gate, eps_low=eps_low, eps_high=eps_high)  # raises on an unknown gate
+        for name, value in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+            if not value > 0:
+                raise ValueError(f"model.{name}: gate temperature must be > 0, got {value}")
+        if level not in ("token", "sequence"):
+            raise ValueError(f"model.level: use token or sequence, got {level!r}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"model.aggregation: unknown {aggregation!r}; use one of {list(AGGREGATIONS)}")
+        if kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"model.kl_estimator: use k1, k2 or k3, got {kl_estimator!r}")
+        if rollout_correction not in CORRECTION_MODES:
+            raise ValueError(f"model.rollout_correction: unknown {rollout_correction!r}; use one of {list(CORRECTION_MODES)}")
+        if ppo_epochs < 1 or num_minibatches < 1:
+            raise ValueError("model.ppo_epochs and model.num_minibatches: must be >= 1")
+        self.optim = optimizer or OptimizerSettings()
+        if self.optim.schedule not in SCHEDULES:
+            raise ValueError(f"model.optimizer.schedule: unknown {self.optim.schedule!r}; use one of {list(SCHEDULES)}")
+        check_model_spec(self.spec)
+        self.reference_spec = reference or (self.spec if kl_coef > 0 else None)
+        if self.reference_spec is not None:
+            check_model_spec(self.reference_spec)
+        self.automatic_optimization = False
+        self.weight_version = 0
+        self.policy = None
+        self.reference = None
+        self.tokenizer = None
+        self.stats = torch.nn.ModuleDict({k: MeanMetric() for k in _STAT_KEYS})
+        self.stats_pos = torch.nn.ModuleDict({k: MeanMetric() for k in ("eur", "ratio_mean")})
+        self.stats_neg = torch.nn.ModuleDict({k: MeanMetric() for k in ("eur", "ratio_mean")})
+        self.ratio_min, self.ratio_max = MinMetric(), MaxMetric()
+        self.last_output: StepOutput | None = None
+
+    @property
+    def model_source(self) -> str:
+        return resolve_source(self.spec)[0]
+
+    # ---- models -------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.spec)
+        self.policy = load_policy(self.spec)
+        self.head = install_scoring_head(self.policy)
+        if self.reference_spec is not None:
+            self.reference = load_policy(self.reference_spec).eval().requires_grad_(False)
+            self.reference_head = install_scoring_head(self.reference)
+        mesh = self._device_mesh_or_none()
+        if mesh is not None:
+            from lit_sapo.distributed import shard_policy
+
+            shard_policy(self.policy, mesh, activation_checkpointing=self.hparams.activation_checkpointing)
+            if self.reference is not None:
+                shard_policy(self.reference, mesh, activation_checkpointing=False)
+
+    def _device_mesh_or_none(self):
+        try:
+            return self.device_mesh  # set by ModelParallelStrategy
+        except (AttributeError, RuntimeError):
+            return None
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 0
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, o, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- scoring ------------------------------------------------------------------------------------------
+    def _micro_slices(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        size = self.hparams.micro_batch_size or len(rows)
+        return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+    def score(self, batch: RolloutBatch, rows: torch.Tensor, *, reference: bool = False,
+              with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        policy, head = (self.reference, self.reference_head) if reference else (self.policy, self.head)
+        return completion_logprobs(policy, head, batch.prompt_ids[rows], batch.prompt_mask[rows],
+                                   batch.completion_ids[rows], batch.completion_mask[rows],
+                                   temperature=batch.temperature or 1.0,
+                                   chunk_size=self.hparams.logprob_chunk_size, with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def _score_all(self, batch: RolloutBatch, reference: bool = False) -> torch.Tensor:
+        rows = torch.arange(batch.size, device=self.device)
+        return torch.cat([self.score(batch, r, reference=reference)[0] for r in self._micro_slices(rows)])
+
+    # ---- the rollout step ---------------------------------------------------------------------------------
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> StepOutput:
+        hp = self.hparams
+        if batch.weight_version != self.weight_version:
+            raise RuntimeError(f"stale rollout: sampled by weights v{batch.weight_version}, policy is at "
+                               f"v{self.weight_version}")
+        n_updates = hp.ppo_epochs * hp.num_minibatches
+        needs_old = n_updates > 1 or hp.rollout_correction != "none"
+        old_logp = self._score_all(batch) if needs_old else None
+        ref_logp = self._score_all(batch, reference=True) if self.reference is not None else None
+        is_weights = self._correction_weights(batch, old_logp) if hp.rollout_correction != "none" else None
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        output = StepOutput(loss=torch.zeros((), device=self.device), batch=batch,
+                            old_logprobs=old_logp if old_logp is not None else batch.sampler_logprobs)
+        generator = torch.Generator().manual_seed(batch.rollout_index)  # minibatch order replays on resume
+        grad_norms = []
+        for epoch in range(hp.ppo_epochs):
+            order = torch.randperm(batch.size, generator=generator).to(self.device)
+            for mb, rows in enumerate(order.chunk(hp.num_minibatches)):
+                loss = self._update(batch, rows, old_logp, ref_logp, is_weights, epoch, mb, output)
+                grad_norms.append(self._clip_and_step(opt, sched))
+                output.loss = output.loss + loss / n_updates
+        self.weight_version += 1  # the sampler is synced lazily, right before the next rollout
+        output.old_logprobs = output.old_logprobs.detach()
+        self._log_step(batch, grad_norms)
+        self.last_output = output
+        return output
+
+    def _update(self, batch, rows, old_logp, ref_logp, is_weights, epoch, mb, output: StepOutput) -> torch.Tensor:
+        hp = self.hparams
+        mask = batch.completion_mask
+        denominator = self._normalizer(mask[rows])
+        total = torch.zeros((), device=self.device)
+        for micro in self._micro_slices(rows):
+            logp, entropy = self.score(batch, micro, with_entropy=hp.compute_entropy)
+            loss, stats, terms = policy_loss(
+                logp, logp.detach() if old_logp is None else old_logp[micro], batch.advantages[micro], mask[micro],
+                gate=self.gate, tau_pos=hp.tau_pos, tau_neg=hp.tau_neg, level=hp.level,
+                aggregation=hp.aggregation, norm_length=hp.norm_length or self._max_new_tokens(),
+                max_log_ratio=hp.max_log_ratio, ref_logp=None if ref_logp is None else ref_logp[micro],
+                kl_coef=hp.kl_coef, kl_estimator=hp.kl_estimator,
+                is_weights=None if is_weights is None else is_weights[micro], return_terms=True)
+            # each micro-batch's mean is re-weighted so the sum is the minibatch mean of the aggregation
+            share = self._normalizer(mask[micro]) / denominator if denominator > 0 else 0.0
+            self.manual_backward(loss * share)
+            total = total + loss.detach() * share
+            self._accumulate(stats, terms, entropy.detach() if hp.compute_entropy else None)
+            output.updates.append(UpdateRecord(epoch, mb, micro, terms,
+                                               entropy.detach() if hp.compute_entropy else None))
+        return total
+
+    def _normalizer(self, mask: torch.Tensor) -> float:
+        if self.hparams.aggregation == "token-mean":
+            return float(mask.sum())
+        return float((mask.sum(1) > 0).sum())
+
+    def _max_new_tokens(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        return int(getattr(getattr(dm, "sampler", None), "max_new_tokens", 0) or 1)
+
+    def _clip_and_step(self, opt, sched) -> float:
+        norm = float("nan")
+        if self.hparams.max_grad_norm > 0:
+            params = [p for p in self.policy.parameters() if p.grad is not None]
+            total = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return norm
+
+    def _correction_weights(self, batch: RolloutBatch, old_logp: torch.Tensor) -> torch.Tensor:
+        weights, stats = rollout_correction_weights(old_logp, batch.sampler_logprobs, batch.completion_mask,
+                                                    mode=self.hparams.rollout_correction,
+                                                    cap=self.hparams.correction_cap)
+        for key, value in stats.items():
+            self.log(f"mismatch/{key}", value, on_step=True, sync_dist=True, batch_size=batch.size)
+        return weights
+
+    # ---- metrics ------------------------------------------------------------------------------------------
+    def _accumulate(self, stats: dict, terms: GateTerms, entropy: torch.Tensor | None) -> None:
+        mask = terms.mask.float()
+        tokens = mask.sum()
+        if tokens == 0:
+            return
+        def mean(x):
+            return (x * mask).sum() / tokens
+        values = {"loss": stats["loss"], "pg_loss": stats["pg_loss"], "kl": stats["kl"],
+                  "eur": mean(terms.gate_grad), "gated_frac": mean((terms.gate_grad < 0.5).float()),
+                  "clip_frac": mean((terms.gate_grad == 0).float()), "gate_mean": mean(terms.gate_value),
+                  "ratio_mean": mean(terms.ratio), "ratio_sq": mean(terms.ratio ** 2),
+                  "log_ratio_mean": mean(terms.log_ratio), "log_ratio_sq": mean(terms.log_ratio ** 2),
+                  "entropy": mean(entropy) if entropy is not None else torch.zeros(())}
+        for key, value in values.items():
+            self.stats[key].update(value.detach().float(), tokens)
+        for sign_mask, metrics in ((terms.advantages > 0, self.stats_pos), (terms.advantages <= 0, self.stats_neg)):
+            m = mask * sign_mask.float()
+            if m.sum() > 0:
+                metrics["eur"].update((terms.gate_grad * m).sum() / m.sum(), m.sum())
+                metrics["ratio_mean"].update((terms.ratio * m).sum() / m.sum(), m.sum())
+        valid = terms.ratio[mask > 0]
+        self.ratio_min.update(valid.min())
+        self.ratio_max.update(valid.max())
+
+    def _log_step(self, batch: RolloutBatch, grad_norms: list[float]) -> None:
+        values = {k: m.compute() for k, m in self.stats.items()}  # token-weighted, synced across ranks
+        out = {f"train/{k}": v for k, v in values.items() if k not in ("ratio_sq", "log_ratio_mean", "log_ratio_sq")}
+        out["train/ratio_var"] = values["ratio_sq"] - values["ratio_mean"] ** 2
+        out["train/log_ratio_var"] = values["log_ratio_sq"] - values["log_ratio_mean"] ** 2
+        out["train/ratio_min"], out["train/ratio_max"] = self.ratio_min.compute(), self.ratio_max.compute()
+        for suffix, group in (("pos", self.stats_pos), ("neg", self.stats_neg)):
+            for key, metric in group.items():
+                # a sign can be absent on every rank: then the metric is undefined, logged as nan
+                out[f"train/{key}_{suffix}"] = metric.compute() if metric.update_count else torch.tensor(float("nan"))
+        for metric in [*self.stats.values(), *self.stats_pos.values(), *self.stats_neg.values(),
+                       self.ratio_min, self.ratio_max]:
+            metric.reset()
+        out["train/grad_norm"] = torch.tensor(sum(grad_norms) / max(len(grad_norms), 1))
+        out["train/lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0])
+        self.log_dict(out, on_step=True, batch_size=batch.size)
+        sums = {k for k in batch.metrics if k.startswith("grading/")}
+        self.log_dict({k: v for k, v in batch.metrics.items() if k not in sums}, on_step=True, sync_dist=True,
+                      batch_size=batch.size)
+        self.log_dict({k: batch.metrics[k] for k in sums}, on_step=True, sync_dist=True, reduce_fx="sum",
+                      batch_size=batch.size)
+        self.log("rollout/step", float(batch.rollout_index + 1), on_step=True, batch_size=batch.size)
+        self.log("reward", batch.metrics["reward/mean"], prog_bar=True, on_step=True, sync_dist=True,
+                 batch_size=batch.size, logger=False)
+        self.log("loss", out["train/loss"], prog_bar=True, on_step=True, batch_size=batch.size, logger=False)
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_sapo"] = {"weight_version": self.weight_version}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.weight_version = int(checkpoint.get("lit_sapo", {}).get("weight_version", 0))
+
+
+def lr_factor(step: int, o: OptimizerSettings, total: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (warm-up, then the chosen decay)."""
+    if o.warmup_steps > 0 and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant" or total <= o.warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    decay = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay

@@ -1,0 +1,263 @@
+"""Grouped rollouts as a LightningDataModule.
+
+The dataloader yields cheap prompt batches (Lightning prefetches one; that is harmless). The expensive part,
+sampling the completions, happens in `on_after_batch_transfer`, which Lightning calls on the current batch right
+before `training_step`, after the previous step's updates: every rollout is sampled by the newest weights, and
+is tagged with the weight version that produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_sapo.advantages import ADVANTAGE_METHODS, group_advantages
+from lit_sapo.models import ModelSpec, check_model_spec, load_tokenizer
+from lit_sapo.rewards import RewardSet
+from lit_sapo.sampling import HFSampler, Sampler
+from lit_sapo.tasks import ArithmeticTask, PromptMixture, PromptSource, render_prompt
+
+
+@dataclass
+class PromptBatch:
+    """The prompts of one rollout on this rank."""
+
+    rollout_index: int
+    examples: list  # lit_sapo.tasks.Example
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout on this rank: `num_prompts` groups of `num_generations` completions (row i*G + j)."""
+
+    rollout_index: int
+    weight_version: int
+    temperature: float
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, C] right-padded
+    completion_mask: torch.Tensor  # [N, C] float: tokens that enter the loss
+    sampler_logprobs: torch.Tensor  # [N, C]
+    advantages: torch.Tensor  # [N]
+    rewards: torch.Tensor  # [N]
+    group_ids: torch.Tensor  # [N]
+    prompts: list[str]
+    completions: list[str]
+    answers: list[str]
+    reward_components: dict[str, list[float]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.completion_ids.shape[0]
+
+
+class _PromptStream(IterableDataset):
+    """Infinite, deterministic, rank-sharded: rollout k on rank r takes global prompts (k*world + r)*n + j."""
+
+    def __init__(self, datamodule: "RolloutDataModule") -> None:
+        self.dm = datamodule
+
+    def __iter__(self):
+        dm = self.dm
+        rank, world = _rank_world()
+        index = dm.rollouts_consumed  # restored from a checkpoint before the loader is iterated
+        while True:
+            first = (index * world + rank) * dm.prompts_per_step
+            yield PromptBatch(index, [dm.prompt_source.example(first + j) for j in range(dm.prompts_per_step)])
+            index += 1
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RolloutDataModule(LightningDataModule):
+    """Streams grouped rollouts: prompts -> sampler (G completions each) -> rewards -> group advantages.
+
+    Args:
+        tokenizer: model whose tokenizer renders the prompts (interpolate the module's model name in YAML).
+        task: the built-in arithmetic task; used when `sources` is empty.
+        sources: prompt datasets (presets, hub ids, local files); several form a weighted mixture.
+        weights: mixture weights of `sources` (default: equal).
+        system_prompt: optional system message of the chat template.
+        instruction: text appended to each problem (None = the source's default: reason, then \\boxed{}).
+        sampler: the generator (HFSampler, or lit_sapo.sampling.vllm.VLLMSampler).
+        rewards: reward name or class path -> weight; the total reward is the weighted sum.
+        grading_timeout: wall-clock bound in seconds for grading one completion (a timeout scores 0).
+        grading_workers: grader worker processes.
+        prompts_per_step: prompts per rollout on each rank.
+        num_generations: completions per prompt (G, the group size).
+        advantage: grpo (group z-score), dr_grpo (mean only) or rloo (leave-one-out).
+        max_prompt_length: prompts longer than this many tokens are dropped from the sources up front (counted).
+        drop_zero_variance_groups: take groups whose rewards are all equal out of the loss normalization.
+        mask_truncated: completions that hit max_new_tokens get no gradient (DAPO's overlong filtering).
+        seed: seed of prompt order and sampling (each rollout and rank gets its own stream).
+    """
+
+    def __init__(self, tokenizer: str = "smollm2-135m-instruct", task: ArithmeticTask | None = None,
+                 sources: list[PromptSource] | None = None, weights: list[float] | None = None,
+                 system_prompt: str | None = None, instruction: str | None = None,
+                 sampler: Sampler | None = None, rewards: dict[str, float] | None = None,
+                 grading_timeout: float = 1.0, grading_workers: int = 2, prompts_per_step: int = 8,
+                 num_generations: int = 8, advantage: str = "grpo", max_prompt_length: int = 1024,
+                 drop_zero_variance_groups: bool = False, mask_truncated: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        if num_generations < 2:
+            raise ValueError(f"data.num_generations: group advantages need at least 2 completions per prompt, "
+                             f"got {num_generations}")
+        if prompts_per_step < 1:
+            raise ValueError(f"data.prompts_per_step: must be >= 1, got {prompts_per_step}")
+        if advantage not in ADVANTAGE_METHODS:
+            raise ValueError(f"data.advantage: unknown method {advantage!r}; use one of {list(ADVANTAGE_METHODS)}")
+        if grading_timeout <= 0:
+            raise ValueError(f"data.grading_timeout: must be > 0 seconds, got {grading_timeout}")
+        if weights is not None and (not sources or len(weights) != len(sources)):
+            raise ValueError("data.weights: give one weight per entry of data.sources")
+        check_model_spec(ModelSpec(name=tokenizer))
+        self.tokenizer_name = tokenizer
+        self.task = task if task is not None else ArithmeticTask(seed=seed)
+        self.sources = list(sources or [])
+        for source in self.sources:
+            source.validate()  # cheap: field map and emptiness, before any model is loaded
+        self.weights = weights
+        self.system_prompt = system_prompt
+        self.instruction = instruction
+        self.sampler: Sampler = sampler if sampler is not None else HFSampler()
+        self.reward_weights = dict(rewards or {"accuracy": 1.0})
+        self.grading_timeout = grading_timeout
+        self.grading_workers = grading_workers
+        self.prompts_per_step = prompts_per_step
+        self.num_generations = num_generations
+        self.advantage = advantage
+        self.max_prompt_length = max_prompt_length
+        self.drop_zero_variance_groups = drop_zero_variance_groups
+        self.mask_truncated = mask_truncated
+        self.seed = seed
+        self.rollouts_consumed = 0
+        self.tokenizer = None
+        self.prompt_source = None
+        self.reward_set: RewardSet | None = None
+        self.prompts_dropped = 0
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(ModelSpec(name=self.tokenizer_name))
+        if self.prompt_source is None:
+            self.prompt_source = self._build_prompt_source()
+        if self.reward_set is None:
+            self.reward_set = RewardSet(self.reward_weights, timeout_s=self.grading_timeout,
+                                        workers=self.grading_workers)
+
+    def _build_prompt_source(self):
+        if not self.sources:
+            return self.task
+        too_long = lambda ex: len(self._prompt_token_ids(ex)) > self.max_prompt_length  # noqa: E731
+        mixture = PromptMixture(self.sources, self.weights, seed=self.seed, drop=too_long)
+        self.prompts_dropped = mixture.dropped
+        return mixture
+
+    def teardown(self, stage: str) -> None:
+        if self.reward_set is not None:
+            self.reward_set.close()
+            self.reward_set = None
+
+    def train_dataloader(self) -> DataLoader:
+        # batch_size=None: the stream yields whole prompt batches; no worker processes (sampling is in-process)
+        return DataLoader(_PromptStream(self), batch_size=None, num_workers=0, collate_fn=lambda x: x)
+
+    def state_dict(self) -> dict:
+        return {"rollouts_consumed": self.rollouts_consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollouts_consumed = int(state["rollouts_consumed"])
+
+    # ---- the rollout --------------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch  # prompt batches are plain Python; the rollout is built on the device below
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if not isinstance(batch, PromptBatch):
+            return batch
+        module = self.trainer.lightning_module
+        return self.make_rollout(batch, module)
+
+    def ensure_synced(self, module) -> None:
+        """Push the module's weights to the sampler if it is behind (lazy: right before it samples)."""
+        if not getattr(self.sampler, "_lit_sapo_bound", False):
+            self.sampler.setup(module.policy, module.tokenizer, module.model_source)
+            self.sampler._lit_sapo_bound = True
+        if self.sampler.weight_version != module.weight_version:
+            self.sampler.sync_weights(module.policy, module.weight_version)
+
+    def _prompt_token_ids(self, example) -> list[int]:
+        text = render_prompt(self.tokenizer, example.problem, system_prompt=self.system_prompt,
+                             instruction=self.instruction if self.instruction is not None
+                             else getattr(example, "instruction", None))
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def make_rollout(self, batch: PromptBatch, module) -> RolloutBatch:
+        self.ensure_synced(module)
+        rank, world = _rank_world()
+        tok, G = self.tokenizer, self.num_generations
+        prompt_ids = [self._prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
+        t0 = time.perf_counter()
+        gen = self.sampler.generate(prompt_ids, G, seed=_mix_seed(self.seed, batch.rollout_index, rank))
+        t1 = time.perf_counter()
+        completions = tok.batch_decode(gen.completion_ids, skip_special_tokens=True)
+        prompts = [tok.decode(p) for p in prompt_ids for _ in range(G)]
+        answers = [ex.answer for ex in batch.examples for _ in range(G)]
+        graded = self.reward_set(completions, answers, prompts)
+        t2 = time.perf_counter()
+        rewards = torch.tensor(graded.total, dtype=torch.float32).view(len(prompt_ids), G)
+        advantages, zero_std = group_advantages(rewards, method=self.advantage)
+        device = module.device
+        n, pad = rewards.numel(), tok.pad_token_id
+        p_width = max(len(p) for p in prompt_ids)
+        c_width = max(1, max(len(c) for c in gen.completion_ids))
+        rows_prompt = [prompt_ids[i // G] for i in range(n)]
+        prompt_t = torch.tensor([[pad] * (p_width - len(p)) + p for p in rows_prompt])
+        prompt_m = torch.tensor([[0] * (p_width - len(p)) + [1] * len(p) for p in rows_prompt])
+        comp_t = torch.tensor([c + [pad] * (c_width - len(c)) for c in gen.completion_ids])
+        comp_m = torch.tensor([[1.0] * len(c) + [0.0] * (c_width - len(c)) for c in gen.completion_ids])
+        logp_t = torch.tensor([lp + [0.0] * (c_width - len(lp)) for lp in gen.logprobs])
+        truncated = torch.tensor([r == "length" for r in gen.finish_reasons])
+        loss_mask = comp_m.clone()
+        if self.mask_truncated:
+            loss_mask[truncated] = 0.0
+        if self.drop_zero_variance_groups:
+            loss_mask[zero_std.repeat_interleave(G)] = 0.0
+        lengths = comp_m.sum(1)
+        metrics = {
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if n > 1 else 0.0,
+            "completion/len_mean": lengths.mean().item(), "completion/len_max": lengths.max().item(),
+            "completion/truncated_frac": truncated.float().mean().item(),
+            "rollout/zero_std_frac": zero_std.float().mean().item(),
+            "rollout/prompts_dropped": float(self.prompts_dropped),
+            "grading/timeouts": float(graded.timeouts), "grading/errors": float(graded.errors),
+            "time/generate_s": t1 - t0, "time/grade_s": t2 - t1,
+        }
+        for name, values in graded.per_function.items():
+            metrics[f"reward/{name}"] = sum(values) / max(len(values), 1)
+        self.rollouts_consumed = batch.rollout_index + 1
+        return RolloutBatch(
+            rollout_index=batch.rollout_index, weight_version=gen.weight_version,
+            temperature=self.sampler.temperature, prompt_ids=prompt_t.to(device), prompt_mask=prompt_m.to(device),
+            completion_ids=comp_t.to(device), completion_mask=loss_mask.to(device),
+            sampler_logprobs=logp_t.to(device), advantages=advantages.reshape(-1).to(device),
+            rewards=rewards.reshape(-1).to(device), group_ids=torch.arange(n, device=device) // G,
+            prompts=prompts, completions=completions, answers=answers,
+            reward_components=graded.per_function, metrics=metrics)
+
+
+def _mix_seed(seed: int, rollout_index: int, rank: int) -> int:
+    # distinct, reproducible sampling seed for every (run seed, rollout, rank)
+    return (seed * 1_000_003 + rollout_index * 1_009 + rank) % (2**31 - 1)

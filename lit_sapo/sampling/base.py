@@ -1,0 +1,44 @@
+"""The Sampler protocol: what the rollout stream needs from a generator (HF generate, vLLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import nn
+
+
+@dataclass
+class Generation:
+    """Completions of one rollout, grouped: completion j of prompt i is row i * num_generations + j."""
+
+    completion_ids: list[list[int]]
+    """Token ids of each completion, ending with the stop token when it stopped."""
+    logprobs: list[list[float]]
+    """Sampler log-prob of each completion token (after temperature; top-p/top-k may differ from the trainer)."""
+    finish_reasons: list[str]
+    """'stop' (end-of-sequence or stop token) or 'length' (hit max_new_tokens)."""
+    weight_version: int
+    """Version of the weights that produced these completions (bumped by every sync_weights)."""
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Generates G completions per prompt with the current policy weights."""
+
+    temperature: float
+    max_new_tokens: int
+    weight_version: int
+
+    def setup(self, policy: nn.Module, tokenizer, model_source: str) -> None:
+        """Bind to the trainer's policy (HF: generate with it; vLLM: build an engine from `model_source`)."""
+
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, *, seed: int,
+                 temperature: float | None = None, max_new_tokens: int | None = None) -> Generation:
+        """Sample `num_generations` completions for every prompt; deterministic given the weights and `seed`."""
+
+    def sync_weights(self, policy: nn.Module, version: int) -> None:
+        """Make the sampler generate with the policy's current weights, tagged `version`."""
+
+    def close(self) -> None:
+        """Free the engine (no-op for HF)."""
