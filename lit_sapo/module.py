@@ -16,11 +16,10 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from lit_sapo.correction import CORRECTION_MODES, rollout_correction_weights
 from lit_sapo.gates import get_gate
 from lit_sapo.models import ModelSpec, check_model_spec, load_policy, load_tokenizer, resolve_source
-from lit_sapo.objective import GateTerms, policy_loss
+from lit_sapo.objective import AGGREGATIONS, GateTerms, policy_loss
 from lit_sapo.rollout import RolloutBatch
 from lit_sapo.scoring import completion_logprobs, install_scoring_head
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -57,7 +56,7 @@ class UpdateRecord:
 
 @dataclass
 class StepOutput:
-    """`training_step`'s output, passed to every callback's `on_train_batch_end` as `outputs`."""
+    """What one rollout step did; `module.last_output`, and as a dict the `outputs` of `on_train_batch_end`."""
 
     loss: torch.Tensor
     batch: RolloutBatch
@@ -197,7 +196,7 @@ class SAPOModule(LightningModule):
         return torch.cat([self.score(batch, r, reference=reference)[0] for r in self._micro_slices(rows)])
 
     # ---- the rollout step ---------------------------------------------------------------------------------
-    def training_step(self, batch: RolloutBatch, batch_idx: int) -> StepOutput:
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict:
         hp = self.hparams
         if batch.weight_version != self.weight_version:
             raise RuntimeError(f"stale rollout: sampled by weights v{batch.weight_version}, policy is at "
@@ -222,7 +221,8 @@ class SAPOModule(LightningModule):
         output.old_logprobs = output.old_logprobs.detach()
         self._log_step(batch, grad_norms)
         self.last_output = output
-        return output
+        # Lightning's manual loop takes a mapping; callbacks get it as `outputs` (same fields as StepOutput)
+        return vars(output).copy()
 
     def _update(self, batch, rows, old_logp, ref_logp, is_weights, epoch, mb, output: StepOutput) -> torch.Tensor:
         hp = self.hparams
@@ -291,7 +291,7 @@ class SAPOModule(LightningModule):
                   "entropy": mean(entropy) if entropy is not None else torch.zeros(())}
         for key, value in values.items():
             self.stats[key].update(value.detach().float(), tokens)
-        for sign_mask, metrics in ((terms.advantages > 0, self.stats_pos), (terms.advantages <= 0, self.stats_neg)):
+        for sign_mask, metrics in ((terms.advantages > 0, self.stats_pos), (terms.advantages < 0, self.stats_neg)):
             m = mask * sign_mask.float()
             if m.sum() > 0:
                 metrics["eur"].update((terms.gate_grad * m).sum() / m.sum(), m.sum())

@@ -101,18 +101,14 @@ class GradingPool:
       guarantee at all (debugging only).
     """
 
-    def __init__(
-        self,
-        workers: int = 2,
-        timeout_s: float = 1.0,
-        initializer: Callable[[], None] | None = None,
-        startup_grace_s: float = 60.0,
-    ) -> None:
+    def __init__(self, workers: int = 2, timeout_s: float = 1.0, initializer: Callable[[], None] | None = None,
+                 startup_grace_s: float = 60.0, respawn_grace_s: float = 10.0) -> None:
         if workers < 0 or timeout_s <= 0:
             raise ValueError(f"GradingPool needs workers >= 0 and timeout_s > 0, got {workers=}, {timeout_s=}")
         self.workers, self.timeout_s, self.initializer = workers, timeout_s, initializer
-        # Only a safety net against a pool that cannot make progress (e.g. workers failing to start).
-        self.startup_grace_s = startup_grace_s
+        # A safety net only, against a pool that cannot make progress (e.g. workers failing to start): a batch
+        # gets startup_grace_s + (timeout_s + respawn_grace_s) per task per worker, then is abandoned.
+        self.startup_grace_s, self.respawn_grace_s = startup_grace_s, respawn_grace_s
         self._pool: Any = None
         self._lock = threading.Lock()
 
@@ -144,7 +140,7 @@ class GradingPool:
             except RuntimeError:  # pebble refuses a stopped/broken pool: start a fresh one once
                 self._stop()
                 futures = self._schedule(fn, calls)
-            per_task = self.timeout_s + 10.0  # + a worker respawn after a kill
+            per_task = self.timeout_s + self.respawn_grace_s
             deadline = time.monotonic() + self.startup_grace_s + per_task * math.ceil(len(calls) / self.workers)
             out, restart = [], False
             for fut in futures:
@@ -242,8 +238,8 @@ class MathAccuracy:
 
     Each completion is graded in a worker process (``workers`` of them, spawned lazily, reused) with a wall-clock
     bound: math-verify's own alarm is set to ``ceil(timeout_s)`` seconds (it takes whole seconds) and the pool kills
-    a worker that runs past ``timeout_s + 0.5`` s (C-level work such as huge integer powers ignores signals). A
-    timeout or a crash scores 0 and is counted. ``workers=0`` grades in-process: math-verify's alarm works only in
+    a worker that runs past ``timeout_s + 0.5`` s. The alarm usually fires first and leaves the worker alive; the
+    kill covers C-level work that ignores signals (and costs a respawn). A timeout or a crash scores 0 and is counted. ``workers=0`` grades in-process: math-verify's alarm works only in
     the main thread and there is no hard bound, so a power tower can stall the caller (debugging only).
     """
 
@@ -258,11 +254,9 @@ class MathAccuracy:
         if self.pool.workers == 0 and threading.current_thread() is not threading.main_thread():
             timeout = None  # signal.alarm raises outside the main thread
         results = self.pool.run(grade_math, [(c, a, timeout) for c, a in zip(completions, answers)])
-        return RewardScores(
-            values=[float(v) if status == "ok" else 0.0 for v, status in results],
-            timeouts=sum(status == "timeout" for _, status in results),
-            errors=sum(status == "error" for _, status in results),
-        )
+        return RewardScores(values=[float(v) if status == "ok" else 0.0 for v, status in results],
+                            timeouts=sum(status == "timeout" for _, status in results),
+                            errors=sum(status == "error" for _, status in results))
 
     def __call__(self, completions: list[str], answers: list[str], prompts: list[str] | None = None) -> list[float]:
         return self.grade(completions, answers, prompts).values
@@ -372,20 +366,33 @@ class RewardResult:
 class RewardSet:
     """Several named reward functions and their weights (default 1.0 each); the total is the weighted sum.
 
-    Built-in math accuracy grades in worker processes (see :class:`MathAccuracy`). Every other reward function,
-    user ones included, runs in-process: one that raises, returns the wrong number of scores or a non-number
-    scores 0 on the whole batch, each of its completions counts as an error, and a warning is logged once per
-    function; training goes on.
+    ``rewards`` maps a name to a spec (see :func:`load_reward`) or a function. Shorthand: a number as the value
+    means "the key is the spec, the value its weight" (``{"accuracy": 1.0, "format": 0.1}``). ``timeout_s`` and
+    ``workers`` configure a built-in "accuracy" given by name. Math accuracy grades in worker processes (see
+    :class:`MathAccuracy`); every other reward function, user ones included, runs in-process: one that raises or
+    returns the wrong number of scores or a non-finite score scores 0 on the whole batch, each of its completions
+    counts as an error, a warning is logged once per function, and training goes on. A function with a ``grade``
+    method returning :class:`RewardScores` reports its own timeouts and errors.
     """
 
-    def __init__(self, rewards: dict[str, Any], weights: dict[str, float] | None = None) -> None:
+    def __init__(self, rewards: dict[str, Any], weights: dict[str, float] | None = None, timeout_s: float = 1.0,
+                 workers: int = 2) -> None:
         if not rewards:
             raise ValueError("RewardSet needs at least one reward function")
-        unknown = set(weights or {}) - set(rewards)
+        rewards, weights = dict(rewards), dict(weights or {})
+        for name, spec in list(rewards.items()):
+            if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+                rewards[name], weights[name] = name, weights.get(name, float(spec))
+        unknown = set(weights) - set(rewards)
         if unknown:
             raise ValueError(f"weights name unknown rewards {sorted(unknown)}; rewards are {sorted(rewards)}")
-        self.functions = {name: load_reward(spec) for name, spec in rewards.items()}
-        self.weights = {name: float((weights or {}).get(name, 1.0)) for name in rewards}
+        builtin_args = {"accuracy": {"timeout_s": timeout_s, "workers": workers}}
+        self.functions = {
+            name: load_reward({"class_path": spec, "init_args": builtin_args[spec]}
+                        if isinstance(spec, str) and spec in builtin_args else spec)
+            for name, spec in rewards.items()
+        }
+        self.weights = {name: float(weights.get(name, 1.0)) for name in rewards}
         self._warned: set[str] = set()
 
     def _score(self, name: str, fn: Any, completions: list[str], answers: list[str], prompts: list[str]) -> RewardScores:

@@ -149,6 +149,11 @@ class RolloutDataModule(LightningDataModule):
 
     # ---- set-up -------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        model_name = getattr(getattr(module, "spec", None), "name", self.tokenizer_name)
+        if model_name != self.tokenizer_name:
+            raise ValueError(f"data.tokenizer: {self.tokenizer_name!r} differs from the policy {model_name!r}; "
+                             "set data.tokenizer: ${model.model.name}")
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(ModelSpec(name=self.tokenizer_name))
         if self.prompt_source is None:
@@ -199,9 +204,10 @@ class RolloutDataModule(LightningDataModule):
             self.sampler.sync_weights(module.policy, module.weight_version)
 
     def _prompt_token_ids(self, example) -> list[int]:
-        text = render_prompt(self.tokenizer, example.problem, system_prompt=self.system_prompt,
-                             instruction=self.instruction if self.instruction is not None
-                             else getattr(example, "instruction", None))
+        text = render_prompt(self.tokenizer, example.problem,
+                             system_prompt=self.system_prompt if self.system_prompt is not None
+                             else example.system_prompt,
+                             instruction=self.instruction if self.instruction is not None else example.instruction)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def make_rollout(self, batch: PromptBatch, module) -> RolloutBatch:

@@ -205,3 +205,12 @@ def test_unknown_gate_names_the_setting_and_the_choices(bad):
     assert message.startswith("gate:") and repr(bad) in message
     for name in GATE_NAMES:
         assert name in message
+
+
+def test_clip_df_matches_autograd_exactly_on_the_clip_edges():
+    gate = ClipGate(eps_low=0.5, eps_high=0.5)  # edges 0.5 and 1.5 are exact in binary
+    r = torch.tensor([0.5, 1.5, 0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    positive = torch.tensor([True, True, False, False])
+    (autograd,) = torch.autograd.grad(gate.f(r, 1.0, positive).sum(), r)
+    torch.testing.assert_close(gate.df(r.detach(), 1.0, positive), autograd)
+    torch.testing.assert_close(autograd, torch.ones(4, dtype=torch.float64))
