@@ -1,1 +1,10 @@
-"""Lightning callbacks of lit_sapo, installed as ``lit_sapo.callbacks``."""
+"""Lightning callbacks of lit_sapo, installed as ``lit_sapo.callbacks``.
+
+Use them from YAML: ``trainer.callbacks: [{class_path: lit_sapo.callbacks.EntropyMonitor}]``.
+"""
+
+from lit_sapo.callbacks.evaluation import BenchmarkEvaluation
+from lit_sapo.callbacks.monitors import EntropyMonitor, ImportanceRatioMonitor
+from lit_sapo.callbacks.samples import RolloutSamples
+
+__all__ = ["BenchmarkEvaluation", "EntropyMonitor", "ImportanceRatioMonitor", "RolloutSamples"]

@@ -2,7 +2,8 @@
 
     lit-sapo fit --config configs/quickstart.yaml [--config configs/gates/erf.yaml] [--trainer.max_steps 10]
 
-Configs are read in omegaconf mode, so one value can feed several places (`${model.model.name}`).
+Configs are read in omegaconf mode, so one value can feed several places (`data.tokenizer: ${model.model.name}`).
+A bad setting stops the run with one line naming it, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -10,17 +11,30 @@ from __future__ import annotations
 import os
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 from lit_sapo.module import SAPOModule
 from lit_sapo.rollout import RolloutDataModule
 
 
+class SAPOCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        # settings are checked in the constructors (cheap); turn their ValueError into one line, no traceback
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            print(f"lit-sapo: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
 def main(args: list[str] | None = None) -> LightningCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return LightningCLI(
+    # `${model.model.name}` in a config means the same key of the merged config, under any subcommand
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return SAPOCLI(
         SAPOModule, RolloutDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},  # interpolations resolve on the merged config
         # re-running in the same folder must not fail on the config file of the previous run
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
@@ -30,4 +44,4 @@ def main(args: list[str] | None = None) -> LightningCLI:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

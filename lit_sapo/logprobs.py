@@ -195,6 +195,7 @@ def output_projection(model: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), Tensor):
-        raise ValueError(f"{type(model).__name__} has no output projection (get_output_embeddings() returned {head!r})")
+        name = type(model).__name__
+        raise ValueError(f"{name} has no output projection (get_output_embeddings() returned {head!r})")
     bias = getattr(head, "bias", None)
     return head.weight, bias if isinstance(bias, Tensor) else None

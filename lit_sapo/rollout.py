@@ -121,12 +121,15 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.grading_timeout: must be > 0 seconds, got {grading_timeout}")
         if weights is not None and (not sources or len(weights) != len(sources)):
             raise ValueError("data.weights: give one weight per entry of data.sources")
-        check_model_spec(ModelSpec(name=tokenizer))
+        check_model_spec(ModelSpec(name=tokenizer), "data.tokenizer")
         self.tokenizer_name = tokenizer
         self.task = task if task is not None else ArithmeticTask(seed=seed)
         self.sources = list(sources or [])
-        for source in self.sources:
-            source.validate()  # cheap: field map and emptiness, before any model is loaded
+        for i, source in enumerate(self.sources):
+            try:
+                source.validate()  # cheap: field map and emptiness, before any model is loaded
+            except ValueError as err:
+                raise ValueError(f"data.sources[{i}]: {err}") from None
         self.weights = weights
         self.system_prompt = system_prompt
         self.instruction = instruction

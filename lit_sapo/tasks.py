@@ -102,6 +102,8 @@ class PromptSource:
                 raise ValueError(f"prompt source {src.name!r}: path {src.path} does not exist")
             if path.is_file() and path.suffix not in _LOCAL_BUILDERS:
                 raise ValueError(f"prompt source {src.name!r}: {path.suffix} files unsupported; use {list(_LOCAL_BUILDERS)}")
+            if path.is_file() and path.stat().st_size == 0:  # `datasets` fails obscurely on an empty file
+                raise ValueError(f"prompt source {src.name!r} ({src.path}) is empty")
             if check_columns:
                 table = _load_table(src)
                 _resolve_fields(src, table.column_names)

@@ -1,0 +1,94 @@
+"""The `lit-sapo` CLI: every YAML recipe parses, bad settings fail in one line before any model is loaded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_sapo import cli
+from lit_sapo import models
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+OVERLAYS = [p for p in CONFIGS if p.parent.name == "gates"]
+BASES = [p for p in CONFIGS if p not in OVERLAYS]
+TINY = ROOT / "tests" / "data" / "tiny.yaml"
+DATA = ROOT.parent / "shared" / "data"
+
+
+def print_config(*args: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fit", *args, "--print_config"])
+    assert exc.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", BASES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_base_config_parses(config, capsys):
+    out = print_config("--config", str(config), capsys=capsys)
+    assert "model:" in out and "data:" in out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.stem)
+def test_gate_overlays_combine_with_a_base(overlay, capsys):
+    out = print_config("--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(overlay), capsys=capsys)
+    gate = "clip" if overlay.stem == "grpo" else overlay.stem
+    assert f"gate: {gate}" in out
+
+
+def test_interpolation_feeds_the_model_name_to_the_data(capsys):
+    out = print_config("--config", str(TINY), "--model.model.name", "smollm2-135m-instruct", capsys=capsys)
+    assert "tokenizer: smollm2-135m-instruct" in out
+
+
+def _fail(args: list[str], capsys, monkeypatch) -> str:
+    loaded = []
+    monkeypatch.setattr(models, "load_policy", lambda *a, **k: loaded.append(a))  # must never be reached
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fit", "--config", str(TINY), *args])
+    assert exc.value.code == 2
+    assert not loaded
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.tau_pos", "0"], "model.tau_pos"),
+    (["--model.tau_neg", "-1"], "model.tau_neg"),
+    (["--data.num_generations", "1"], "data.num_generations"),
+    (["--model.gate", "bogus"], "model.gate"),
+    (["--model.model.name", "/nope/model"], "model.model.name"),
+    (["--model.aggregation", "mean"], "model.aggregation"),
+    (["--model.rollout_correction", "tis"], "model.rollout_correction"),
+])
+def test_bad_setting_fails_in_one_line_before_loading(args, expected, capsys, monkeypatch):
+    line = _fail(args, capsys, monkeypatch)
+    assert line.startswith("lit-sapo: error: ") and expected in line
+
+
+def test_dataset_without_the_mapped_field(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "solution": "2"}) + "\n")
+    line = _fail(["--data.sources", json.dumps([{"name": "mine", "path": str(data), "problem_field": "question",
+                                                 "answer_field": "final"}])], capsys, monkeypatch)
+    assert "data.sources[0]" in line and "answer_field" in line and "final" in line
+
+
+def test_empty_dataset(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    line = _fail(["--data.sources", json.dumps([{"name": "mine", "path": str(data)}])], capsys, monkeypatch)
+    assert "data.sources[0]" in line and "empty" in line
+
+
+def test_local_preset_source_is_accepted(capsys):
+    out = print_config("--config", str(TINY), "--data.sources",
+                       json.dumps([{"name": "gsm8k", "path": str(DATA / "gsm8k" / "train.jsonl")}]), capsys=capsys)
+    assert "gsm8k" in out
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "lit_sapo.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "fit" in result.stdout

