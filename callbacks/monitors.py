@@ -210,7 +210,7 @@ class ImportanceRatioMonitor(Callback):
         sums, lo, hi = ratio_sums(updates, device=pl_module.device)
         pl_module.log_dict(ratio_metrics(sums, lo, hi, self.per_update), on_step=True, on_epoch=False, batch_size=1)
         if self.histograms and trainer.is_global_zero:
-            self._histograms(trainer, updates, getattr(batch, "rollout_index", trainer.global_step))
+            self._histograms(trainer, updates, batch.rollout_index)
 
     def _histograms(self, trainer, updates, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_histogram")]

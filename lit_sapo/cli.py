@@ -43,5 +43,11 @@ def main(args: list[str] | None = None) -> LightningCLI:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `lit-sapo` console script: exit status 0 on success (`sys.exit(main())` would print the CLI object
+    and exit 1, which SLURM and shell scripts read as a failure)."""
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -15,7 +15,12 @@ from lit_sapo.models import decoder_layers
 
 def shard_policy(model: nn.Module, mesh, *, activation_checkpointing: bool = False,
                  mixed_precision: bool | None = None) -> nn.Module:
-    dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        # the rollout stream gives every rank its own prompts: a TP group would need identical inputs
+        raise ValueError(f"trainer.strategy: tensor parallelism is not supported; set tensor_parallel_size: 1 and "
+                         f"data_parallel_size: {mesh.size()} (the number of processes)")
+    dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
     on_gpu = dp_mesh.device_type == "cuda"
     use_mp = on_gpu if mixed_precision is None else mixed_precision
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_mp else MixedPrecisionPolicy()

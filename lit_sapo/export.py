@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback
 from torch import nn
 
-from lit_sapo.models import ModelSpec, export_hf_folder, load_policy, load_tokenizer
+from lit_sapo.models import LoraSettings, ModelSpec, export_hf_folder, load_policy, load_tokenizer
 
 _METADATA = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint directory
 
@@ -78,7 +79,10 @@ def _spec_from_hparams(meta: dict) -> ModelSpec:
     spec = (meta.get("hyper_parameters") or {}).get("model")
     if isinstance(spec, ModelSpec):
         return spec
-    if isinstance(spec, dict):
+    if isinstance(spec, dict):  # LightningCLI stores the parsed config: nested dicts
+        spec = dict(spec)
+        if isinstance(spec.get("lora"), dict):
+            spec["lora"] = LoraSettings(**spec["lora"])
         return ModelSpec(**spec)
     return ModelSpec()  # SAPOModule's default model
 
@@ -99,7 +103,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model: ModelS
     if sharded:
         import torch.distributed.checkpoint as dcp
 
-        dcp.load({"state_dict": local}, checkpoint_id=str(path), no_dist=True)  # reshards into the full tensors
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load({"state_dict": local}, checkpoint_id=str(path), no_dist=True)  # reshards into full tensors
         state = {k.removeprefix("policy."): v for k, v in local.items()}
     else:
         saved = meta["state_dict"]

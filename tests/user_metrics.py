@@ -35,3 +35,13 @@ class CharCountReward:
 
     def __call__(self, completions: list[str], answers: list[str], prompts: list[str]) -> list[float]:
         return [(len(c) % 4) / 3 for c in completions]
+
+
+class KeepOutputs(Callback):
+    """Keeps every rollout step's `outputs` (test helper: recompute logged values from the returned data)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.outputs.append(outputs)

@@ -68,10 +68,11 @@ def iter_full_weights(policy: nn.Module) -> Iterator[tuple[str, Tensor]]:
 class _VLLMAdapter:
     """The one place that touches vLLM: engine construction, generate, weight load, prefix cache, sleep."""
 
-    def __init__(self, llm, sleep_enabled: bool, owns_process_group: bool) -> None:
+    def __init__(self, llm, sleep_enabled: bool, owns_process_group: bool, set_num_threads) -> None:
         self.llm = llm
         self.sleep_enabled = sleep_enabled
         self.owns_process_group = owns_process_group
+        self.set_num_threads = set_num_threads
         self.asleep = False
 
     @staticmethod
@@ -108,6 +109,7 @@ class _VLLMAdapter:
         if distributed:  # each trainer rank hosts its own engine inside the existing process group
             kwargs["distributed_executor_backend"] = "external_launcher"
         owns_process_group = not (dist.is_available() and dist.is_initialized())
+        set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op, process-wide
         previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process: syncs are calls
         try:
@@ -121,7 +123,7 @@ class _VLLMAdapter:
         if type(core).__name__ != "InprocClient":
             raise RuntimeError(f"VLLMSampler: the vLLM engine core runs out of process ({type(core).__name__}); "
                                "weight sync needs it in-process")
-        return cls(llm, enable_sleep_mode, owns_process_group)
+        return cls(llm, enable_sleep_mode, owns_process_group, set_num_threads)
 
     @staticmethod
     def sampling_params(**kwargs):
@@ -148,9 +150,10 @@ class _VLLMAdapter:
             runner = worker.model_runner
             reload = getattr(runner, "reload_weights", None)
             if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
-                # layerwise reload (>= 0.15): also redoes the kernel packing done after loading (CPU oneDNN /
-                # sgl-kernel packed linears, quantized kernels); a plain load_weights would miss the packed copy
-                reload(weights_iterator=weights, is_checkpoint_format=True)
+                # layerwise reload (recent vLLM, e.g. 0.32): also redoes the kernel packing done after loading
+                # (CPU oneDNN / sgl-kernel packed linears, quantized kernels), which a plain load_weights misses.
+                # The worker's method wraps the runner's in the engine's config context.
+                worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
             else:
                 from vllm.platforms import current_platform
 
@@ -188,6 +191,7 @@ class _VLLMAdapter:
         parallel_state.destroy_model_parallel()
         if self.owns_process_group:  # the uniproc worker created a 1-rank gloo/nccl group in our process
             parallel_state.destroy_distributed_environment()
+        torch.set_num_threads = self.set_num_threads
 
 
 class VLLMSampler:
