@@ -68,6 +68,7 @@ class BenchmarkEvaluation(Callback):
       problem has k samples, so it equals pass@1; both names are logged because papers quote both.
     - `eval/<name>/maj@k`: fraction of problems whose majority answer (most frequent `extract_answer` string
       among the k samples; no answer never votes; ties go to the first seen) is graded correct as `\\boxed{ans}`.
+    - `eval/<name>/time_s`: wall seconds of that benchmark's evaluation (generation, grading, gathering).
 
     Grading: the datamodule's `accuracy` reward when it is a `MathAccuracy`, else a `MathAccuracy` of its own
     (the datamodule's grading timeout and workers). Each evaluation writes

@@ -28,7 +28,8 @@ class SAPOCLI(LightningCLI):
             raise SystemExit(2) from None
 
 
-def main(args: list[str] | None = None) -> LightningCLI:
+def main(args: list[str] | None = None, callbacks: list | None = None) -> LightningCLI:
+    """Run the CLI; `callbacks` (Python objects) are added to those of the config, e.g. by benchmarks."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # `${model.model.name}` in a config means the same key of the merged config, under any subcommand
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -40,6 +41,7 @@ def main(args: list[str] | None = None) -> LightningCLI:
         seed_everything_default=0,
         args=args,
         auto_configure_optimizers=False,
+        trainer_defaults={"callbacks": list(callbacks)} if callbacks else None,
     )
 
 

@@ -23,6 +23,10 @@ from lit_sapo.scoring import completion_logprobs, install_scoring_head
 
 SCHEDULES = ("constant", "linear", "cosine")
 
+# ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state AFTER the
+# optimizer steps of the batch: for a rollout step that is the state to resume from, so the advice does not apply.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
+
 
 @dataclass
 class OptimizerSettings:

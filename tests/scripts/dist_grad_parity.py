@@ -38,6 +38,8 @@ def fixed_rollout(index: int, weight_version: int, device) -> RolloutBatch:
     p_ids, p_mask, c_ids, c_mask = fixed_tokens(ROWS, 6, 5, seed=1000 + index)
     g = torch.Generator().manual_seed(2000 + index)
     advantages = torch.randn(ROWS, generator=g)
+    if index == 1:  # rank 1 sees no positive and no negative advantage: per-sign metrics must still sync
+        advantages[ROWS // 2:] = 0.0
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rows = slice(rank() * ROWS // world, (rank() + 1) * ROWS // world)
     n = rows.stop - rows.start
