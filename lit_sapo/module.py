@@ -346,6 +346,12 @@ class SAPOModule(LightningModule):
                  batch_size=batch.size, logger=False)
         self.log("loss", out["train/loss"], prog_bar=True, on_step=True, batch_size=batch.size, logger=False)
 
+    # ---- validation (held-out prompts, see RolloutDataModule.val_sources) -----------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # per-prompt means, weighted by prompts across batches and ranks (per-benchmark scores: BenchmarkEvaluation)
+        for name, values in batch["scores"].items():
+            self.log(f"val/{name}", values.float().mean(), batch_size=len(values), sync_dist=True)
+
     # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_sapo"] = {"weight_version": self.weight_version}

@@ -20,7 +20,7 @@ from lit_sapo.advantages import ADVANTAGE_METHODS, group_advantages
 from lit_sapo.models import ModelSpec, check_model_spec, load_tokenizer
 from lit_sapo.rewards import RewardSet
 from lit_sapo.sampling import HFSampler, Sampler
-from lit_sapo.tasks import ArithmeticTask, PromptMixture, PromptSource, render_prompt
+from lit_sapo.tasks import ArithmeticTask, PromptMixture, PromptSource, load_prompts, render_prompt
 
 
 @dataclass
@@ -100,6 +100,10 @@ class RolloutDataModule(LightningDataModule):
         drop_zero_variance_groups: take groups whose rewards are all equal out of the loss normalization.
         mask_truncated: completions that hit max_new_tokens get no gradient (DAPO's overlong filtering).
         seed: seed of prompt order and sampling (each rollout and rank gets its own stream).
+        val_sources: held-out prompts for `lit-sapo validate` and for validation during fit
+            (`trainer.val_check_interval`); one completion each, graded by the reward functions.
+        val_batch_size: prompts per validation batch (per rank).
+        val_temperature: sampling temperature of validation (0 = greedy).
     """
 
     def __init__(self, tokenizer: str = "smollm2-135m-instruct", task: ArithmeticTask | None = None,
@@ -108,7 +112,9 @@ class RolloutDataModule(LightningDataModule):
                  sampler: Sampler | None = None, rewards: dict[str, float] | None = None,
                  grading_timeout: float = 1.0, grading_workers: int = 2, prompts_per_step: int = 8,
                  num_generations: int = 8, advantage: str = "grpo", max_prompt_length: int = 1024,
-                 drop_zero_variance_groups: bool = False, mask_truncated: bool = False, seed: int = 0) -> None:
+                 drop_zero_variance_groups: bool = False, mask_truncated: bool = False, seed: int = 0,
+                 val_sources: list[PromptSource] | None = None, val_batch_size: int = 16,
+                 val_temperature: float = 0.0) -> None:
         super().__init__()
         if num_generations < 2:
             raise ValueError(f"data.num_generations: group advantages need at least 2 completions per prompt, "
@@ -144,6 +150,14 @@ class RolloutDataModule(LightningDataModule):
         self.drop_zero_variance_groups = drop_zero_variance_groups
         self.mask_truncated = mask_truncated
         self.seed = seed
+        self.val_sources = list(val_sources or [])
+        for i, source in enumerate(self.val_sources):
+            try:
+                source.validate()
+            except ValueError as err:
+                raise ValueError(f"data.val_sources[{i}]: {err}") from None
+        self.val_batch_size = val_batch_size
+        self.val_temperature = val_temperature
         self.rollouts_consumed = 0
         self.tokenizer = None
         self.prompt_source = None
@@ -192,11 +206,36 @@ class RolloutDataModule(LightningDataModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch  # prompt batches are plain Python; the rollout is built on the device below
 
+    def val_dataloader(self):
+        if not self.val_sources:
+            return []
+        examples = [ex for source in self.val_sources for ex in load_prompts(source)]
+        rank, world = _rank_world()
+        # equal shards: under FSDP every rank must run the same number of generate calls
+        mine = examples[: len(examples) - len(examples) % world][rank::world]
+        batches = [PromptBatch(-1, mine[i:i + self.val_batch_size]) for i in range(0, len(mine), self.val_batch_size)]
+        return DataLoader(batches, batch_size=None, num_workers=0, collate_fn=lambda x: x)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if not isinstance(batch, PromptBatch):
             return batch
         module = self.trainer.lightning_module
-        return self.make_rollout(batch, module)
+        if self.trainer.training:
+            return self.make_rollout(batch, module)
+        return self.make_evaluation(batch, module)
+
+    def make_evaluation(self, batch: PromptBatch, module) -> dict:
+        """One completion per held-out prompt with the current weights, graded by the run's reward functions."""
+        self.ensure_synced(module)
+        prompt_ids = [self._prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
+        gen = self.sampler.generate(prompt_ids, 1, seed=self.seed, temperature=self.val_temperature)
+        completions = self.tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
+        graded = self.reward_set(completions, [ex.answer for ex in batch.examples],
+                                 [self.tokenizer.decode(p) for p in prompt_ids])
+        scores = {name: torch.tensor(values) for name, values in graded.per_function.items()}
+        scores["reward"] = torch.tensor(graded.total)
+        scores["completion_len"] = torch.tensor([float(len(c)) for c in gen.completion_ids])
+        return {"sources": [ex.source for ex in batch.examples], "scores": scores}
 
     def ensure_synced(self, module) -> None:
         """Push the module's weights to the sampler if it is behind (lazy: right before it samples)."""

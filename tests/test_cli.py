@@ -92,3 +92,14 @@ def test_local_preset_source_is_accepted(capsys):
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "lit_sapo.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "fit" in result.stdout
+
+
+def test_validate_scores_held_out_prompts(tmp_path):
+    source = json.dumps([{"name": "gsm8k", "path": str(DATA / "gsm8k" / "test.jsonl"), "limit": 3}])
+    result = cli.main(["validate", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path),
+                       "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.val_sources", source,
+                       "--data.val_batch_size", "2"])
+    metrics = result.trainer.callback_metrics
+    assert set(metrics) >= {"val/reward", "val/accuracy", "val/completion_len"}
+    assert float(metrics["val/accuracy"]) == 0.0  # a random 2-layer model solves no GSM8K problem
+    assert 1.0 <= float(metrics["val/completion_len"]) <= 8.0  # tiny.yaml caps completions at 8 tokens
