@@ -194,7 +194,7 @@ class BenchmarkEvaluation(Callback):
         texts = []
         for b, start in enumerate(range(0, len(indices), self.batch_size)):
             chunk = [examples[max(i, 0)] for i in indices[start:start + self.batch_size]]
-            prompt_ids = [dm._prompt_token_ids(ex)[-dm.max_prompt_length:] for ex in chunk]  # training's rendering
+            prompt_ids = [dm.prompt_token_ids(ex)[-dm.max_prompt_length:] for ex in chunk]  # training's rendering
             gen = dm.sampler.generate(prompt_ids, k, seed=self.seed + 100_003 * b + rank,
                                       temperature=self.temperature, max_new_tokens=self.max_new_tokens)
             texts += tok.batch_decode(gen.completion_ids, skip_special_tokens=True)

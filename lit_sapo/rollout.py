@@ -182,7 +182,7 @@ class RolloutDataModule(LightningDataModule):
     def _build_prompt_source(self):
         if not self.sources:
             return self.task
-        too_long = lambda ex: len(self._prompt_token_ids(ex)) > self.max_prompt_length  # noqa: E731
+        too_long = lambda ex: len(self.prompt_token_ids(ex)) > self.max_prompt_length  # noqa: E731
         mixture = PromptMixture(self.sources, self.weights, seed=self.seed, drop=too_long)
         self.prompts_dropped = mixture.dropped
         return mixture
@@ -227,7 +227,7 @@ class RolloutDataModule(LightningDataModule):
     def make_evaluation(self, batch: PromptBatch, module) -> dict:
         """One completion per held-out prompt with the current weights, graded by the run's reward functions."""
         self.ensure_synced(module)
-        prompt_ids = [self._prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
+        prompt_ids = [self.prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
         gen = self.sampler.generate(prompt_ids, 1, seed=self.seed, temperature=self.val_temperature)
         completions = self.tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
         graded = self.reward_set(completions, [ex.answer for ex in batch.examples],
@@ -245,7 +245,7 @@ class RolloutDataModule(LightningDataModule):
         if self.sampler.weight_version != module.weight_version:
             self.sampler.sync_weights(module.policy, module.weight_version)
 
-    def _prompt_token_ids(self, example) -> list[int]:
+    def prompt_token_ids(self, example) -> list[int]:
         text = render_prompt(self.tokenizer, example.problem,
                              system_prompt=self.system_prompt if self.system_prompt is not None
                              else example.system_prompt,
@@ -256,7 +256,7 @@ class RolloutDataModule(LightningDataModule):
         self.ensure_synced(module)
         rank, world = _rank_world()
         tok, G = self.tokenizer, self.num_generations
-        prompt_ids = [self._prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
+        prompt_ids = [self.prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
         t0 = time.perf_counter()
         gen = self.sampler.generate(prompt_ids, G, seed=_mix_seed(self.seed, batch.rollout_index, rank))
         t1 = time.perf_counter()

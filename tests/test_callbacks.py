@@ -159,6 +159,10 @@ data:
 """
 
 
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
 def _cat(updates, values, where):
     return torch.cat([values(u)[where(u)] for u in updates]).double()
 
@@ -172,7 +176,7 @@ def test_callbacks_from_yaml_with_a_user_metric(tmp_path, monkeypatch):
     config.write_text(TINY_YAML.format(root=tmp_path, gsm8k=GSM8K))
     cli = main(["fit", "--config", str(config)])
     log_dir = Path(cli.trainer.log_dir)
-    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
     kept = next(c for c in cli.trainer.callbacks if isinstance(c, KeepOutputs)).outputs
     assert [o["batch"].rollout_index for o in kept] == [0, 1]
     user_values = []
@@ -194,12 +198,12 @@ def test_callbacks_from_yaml_with_a_user_metric(tmp_path, monkeypatch):
     assert user_values and max(user_values) > 0  # the fixture has tokens above the threshold
     # evaluation: baseline v0, then after every rollout (v1, v2); the end (v2) is not repeated
     for version in (0, 1, 2):
-        lines = [json.loads(x) for x in open(log_dir / "eval" / f"gsm8k_step{version}.jsonl")]
+        lines = _jsonl(log_dir / "eval" / f"gsm8k_step{version}.jsonl")
         assert [x["id"] for x in lines] == ["gsm8k-test-0000", "gsm8k-test-0001", "gsm8k-test-0002"]
         assert all(len(x["completions"]) == 2 == len(x["correct"]) for x in lines)
         logged = [float(r["eval/gsm8k/pass@1"]) for r in rows if r.get("eval/gsm8k/pass@1") and int(r["step"]) == version]
         assert logged == [sum(sum(x["correct"]) for x in lines) / 6]
-    samples = [json.loads(x) for x in open(log_dir / "samples" / "rollout_samples.jsonl")]
+    samples = _jsonl(log_dir / "samples" / "rollout_samples.jsonl")
     assert [s["rollout"] for s in samples] == [0, 0, 1, 1]
     for s in samples:
         batch = kept[s["rollout"]]["batch"]
@@ -226,7 +230,7 @@ def test_benchmark_evaluation_smollm2_regrades(tmp_path, monkeypatch):
     log_dir = Path(cli.trainer.log_dir)
     grader = MathAccuracy(workers=0)
     for version in (0, 1):  # the baseline and the end
-        lines = [json.loads(x) for x in open(log_dir / "eval" / f"gsm8k_step{version}.jsonl")]
+        lines = _jsonl(log_dir / "eval" / f"gsm8k_step{version}.jsonl")
         assert len(lines) == 5
         for x in lines:
             assert x["correct"] == grader(x["completions"], [x["gold"]] * 2)
