@@ -171,14 +171,10 @@ class SAPOModule(LightningModule):
             if self.reference is not None:
                 shard_policy(self.reference, mesh, activation_checkpointing=False)
 
-    # the heads live inside the models (not registered here too: a checkpoint holds each weight once)
+    # the head lives inside the model (not registered here too: a checkpoint holds each weight once)
     @property
     def head(self):
         return self.policy.get_output_embeddings()
-
-    @property
-    def reference_head(self):
-        return self.reference.get_output_embeddings()
 
     def _device_mesh_or_none(self):
         try:
@@ -202,8 +198,8 @@ class SAPOModule(LightningModule):
     def score(self, batch: RolloutBatch, rows: torch.Tensor, *, reference: bool = False,
               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         policy = self.reference if reference else self.policy
-        return completion_logprobs(policy, policy.get_output_embeddings(), batch.prompt_ids[rows], batch.prompt_mask[rows],
-                                   batch.completion_ids[rows], batch.completion_mask[rows],
+        return completion_logprobs(policy, policy.get_output_embeddings(), batch.prompt_ids[rows],
+                                   batch.prompt_mask[rows], batch.completion_ids[rows], batch.completion_mask[rows],
                                    temperature=batch.temperature or 1.0,
                                    chunk_size=self.hparams.logprob_chunk_size, with_entropy=with_entropy)
 
@@ -274,11 +270,11 @@ class SAPOModule(LightningModule):
         return int(getattr(getattr(dm, "sampler", None), "max_new_tokens", 0) or 1)
 
     def _clip_and_step(self, opt, sched) -> float:
-        norm = float("nan")
-        if self.hparams.max_grad_norm > 0:
-            params = [p for p in self.policy.parameters() if p.grad is not None]
-            total = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
-            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        # max_norm inf: no clipping, but the global norm is still measured (and logged)
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
