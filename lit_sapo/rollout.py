@@ -159,6 +159,7 @@ class RolloutDataModule(LightningDataModule):
         self.val_batch_size = val_batch_size
         self.val_temperature = val_temperature
         self.rollouts_consumed = 0
+        self._sampler_bound_to = None  # the policy the sampler was set up with
         self.tokenizer = None
         self.prompt_source = None
         self.reward_set: RewardSet | None = None
@@ -239,9 +240,9 @@ class RolloutDataModule(LightningDataModule):
 
     def ensure_synced(self, module) -> None:
         """Push the module's weights to the sampler if it is behind (lazy: right before it samples)."""
-        if not getattr(self.sampler, "_lit_sapo_bound", False):
+        if self._sampler_bound_to is not module.policy:
             self.sampler.setup(module.policy, module.tokenizer, module.model_source)
-            self.sampler._lit_sapo_bound = True
+            self._sampler_bound_to = module.policy
         if self.sampler.weight_version != module.weight_version:
             self.sampler.sync_weights(module.policy, module.weight_version)
 

@@ -42,3 +42,15 @@ class Sampler(Protocol):
 
     def close(self) -> None:
         """Free the engine (no-op for HF)."""
+
+
+def check_sampling_args(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    """The settings every sampler shares: one clear line per bad value, before any model is loaded."""
+    if temperature < 0:
+        raise ValueError(f"data.sampler.temperature: must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"data.sampler.top_p: must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"data.sampler.top_k: must be >= 0 (0 = off), got {top_k}")
+    if max_new_tokens < 1:
+        raise ValueError(f"data.sampler.max_new_tokens: must be >= 1, got {max_new_tokens}")

