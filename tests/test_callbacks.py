@@ -3,6 +3,7 @@ and BenchmarkEvaluation with SmolLM2 (slow)."""
 
 from __future__ import annotations
 
+from tests.paths import GSM8K_TEST, SHARED_DATA
 import csv
 import json
 import math
@@ -20,7 +21,7 @@ from lit_sapo.module import UpdateRecord
 from lit_sapo.objective import GateTerms
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = "/work/shared/data/gsm8k/test.jsonl"
+GSM8K = str(GSM8K_TEST)
 PAD = 99.0  # junk at padded positions: any leak into a statistic shows
 
 

@@ -1,5 +1,6 @@
 """The `lit-sapo` CLI: every YAML recipe parses, bad settings fail in one line before any model is loaded."""
 
+from tests.paths import GSM8K_TEST, SHARED_DATA
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 OVERLAYS = [p for p in CONFIGS if p.parent.name == "gates"]
 BASES = [p for p in CONFIGS if p not in OVERLAYS]
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 
 
 def print_config(*args: str, capsys) -> str:

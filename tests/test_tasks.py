@@ -1,3 +1,4 @@
+from tests.paths import GSM8K_TEST, SHARED_DATA
 import json
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ from lit_sapo.tasks import (
     transform_answer,
 )
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 needs_data = pytest.mark.skipif(not DATA.exists(), reason="needs /work/shared/data")
 
 

@@ -14,6 +14,7 @@ binds this process's OpenMP threads. Prints one JSON object to stdout (vLLM's lo
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import os
 import sys
@@ -24,7 +25,10 @@ from types import SimpleNamespace
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the JSON
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-GSM8K = "/work/shared/data/gsm8k/test.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.paths
+from tests.paths import GSM8K_TEST  # noqa: E402
+
+GSM8K = str(GSM8K_TEST)
 
 
 class _Timed:

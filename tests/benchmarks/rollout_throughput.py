@@ -22,7 +22,10 @@ os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TARGET = {"cpu_speedup_min": 1.3}
-GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.paths
+from tests.paths import GSM8K_TEST  # noqa: E402
+
+GSM8K = GSM8K_TEST
 FALLBACK = [f"What is {a} + {b}? Explain step by step." for a, b in [(3, 4), (12, 9), (25, 17), (8, 8),
                                                                      (41, 2), (7, 36), (19, 23), (5, 60)]]
 
