@@ -192,6 +192,9 @@ class RolloutDataModule(LightningDataModule):
         if self.reward_set is not None:
             self.reward_set.close()
             self.reward_set = None
+        if self._sampler_bound_to is not None:  # frees a vLLM engine; a later rollout sets the sampler up again
+            self.sampler.close()
+            self._sampler_bound_to = None
 
     def train_dataloader(self) -> DataLoader:
         # batch_size=None: the stream yields whole prompt batches; no worker processes (sampling is in-process)
@@ -243,6 +246,9 @@ class RolloutDataModule(LightningDataModule):
         if self._sampler_bound_to is not module.policy:
             self.sampler.setup(module.policy, module.tokenizer, module.model_source)
             self._sampler_bound_to = module.policy
+            # a fresh engine holds the weights on disk, not the policy's (resumed, or trained before a re-setup)
+            self.sampler.sync_weights(module.policy, module.weight_version)
+            return
         if self.sampler.weight_version != module.weight_version:
             self.sampler.sync_weights(module.policy, module.weight_version)
 
