@@ -56,6 +56,11 @@ class RolloutBatch:
     def size(self) -> int:
         return self.completion_ids.shape[0]
 
+    @property
+    def group_size(self) -> int:
+        """G: completions per prompt (rows i*G .. i*G + G - 1 share a prompt)."""
+        return int((self.group_ids == self.group_ids[0]).sum())
+
 
 class _PromptStream(IterableDataset):
     """Infinite, deterministic, rank-sharded: rollout k on rank r takes global prompts (k*world + r)*n + j."""
