@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+VLLM_ARGS = ["--data.sampler=lit_sapo.sampling.vllm.VLLMSampler", "--data.sampler.init_args.max_new_tokens=32",
+             "--data.sampler.init_args.temperature=1.0"]
+
+
 def gemm_flops(n: int = 2048, reps: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -36,7 +40,7 @@ def gemm_flops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def run_lit_sapo(steps: int, warmup: int) -> dict:
+def run_lit_sapo(steps: int, warmup: int, sampler: str = "hf") -> dict:
     from lightning.pytorch import Callback
 
     from lit_sapo import cli
@@ -59,7 +63,8 @@ def run_lit_sapo(steps: int, warmup: int) -> dict:
             f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
             "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            "--model.num_minibatches=1", "--model.ppo_epochs=1", "--model.optimizer.warmup_steps=0"],
+            "--model.num_minibatches=1", "--model.ppo_epochs=1", "--model.optimizer.warmup_steps=0",
+            *(VLLM_ARGS if sampler == "vllm" else [])],
             callbacks=[Timer()])
         params = sum(p.numel() for p in result.model.policy.parameters())
     timed = rows[warmup:]
@@ -121,17 +126,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="rollout steps per trainer")
     parser.add_argument("--warmup", type=int, default=2, help="first steps not timed (>= 1)")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--with-vllm", action="store_true", help="also time lit_sapo with the vLLM sampler")
     args = parser.parse_args()
     torch.manual_seed(0)
     out = {"work": "SmolLM2-135M fp32 CPU, 2 prompts x 4 completions, 32 new tokens, HF generate, 1 update/rollout",
            "threads": torch.get_num_threads(), "gemm_flops_per_s": gemm_flops()}
     out["lit_sapo"] = run_lit_sapo(args.steps, args.warmup)
     out["lit_sapo"]["update_flops_vs_gemm"] = out["lit_sapo"]["update_flops_per_s"] / out["gemm_flops_per_s"]
+    if args.with_vllm:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        out["lit_sapo_vllm"] = run_lit_sapo(args.steps, args.warmup, sampler="vllm")
     if not args.skip_trl:
         out["trl"] = run_trl(args.steps, args.warmup)
         out["ratio_vs_trl"] = out["lit_sapo"]["step_s"] / out["trl"]["step_s"]
         out["target"] = {"ratio_vs_trl_max": 0.6}
         out["pass"] = out["ratio_vs_trl"] <= 0.6
+        if args.with_vllm:
+            out["ratio_vs_trl_vllm_sampler"] = out["lit_sapo_vllm"]["step_s"] / out["trl"]["step_s"]
     print(json.dumps(out, indent=2))
 
 
