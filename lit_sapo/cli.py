@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
@@ -31,6 +32,8 @@ class SAPOCLI(LightningCLI):
 def main(args: list[str] | None = None, callbacks: list | None = None) -> LightningCLI:
     """Run the CLI; `callbacks` (Python objects) are added to those of the config, e.g. by benchmarks."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # without data.val_sources there is deliberately no validation data; Lightning would warn on every fit
+    warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
     # `${model.model.name}` in a config means the same key of the merged config, under any subcommand
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return SAPOCLI(
