@@ -35,6 +35,7 @@ def main() -> None:
         f"--trainer.max_steps={2 * args.rollouts}",  # quickstart: 2 optimizer steps per rollout
         f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
         "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",  # stdout is for the JSON
         f"--model.gate={args.gate}"])
     seconds = time.perf_counter() - start
     rows = list(csv.DictReader(open(Path(result.trainer.logger.log_dir) / "metrics.csv")))
