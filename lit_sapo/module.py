@@ -360,6 +360,11 @@ class SAPOModule(LightningModule):
                       batch_size=batch.size)
         self.log("rollout/step", float(batch.rollout_index + 1), on_step=True, batch_size=batch.size)
         self.log("rollout/weight_version", float(batch.weight_version), on_step=True, batch_size=batch.size)
+        # the bar's own counter is rollouts against max_steps (optimizer steps): show both step counts explicitly
+        self.log("rollout", float(batch.rollout_index + 1), prog_bar=True, on_step=True, batch_size=batch.size,
+                 logger=False)
+        self.log("opt_step", float(self.trainer.global_step), prog_bar=True, on_step=True, batch_size=batch.size,
+                 logger=False)
         self.log("reward", batch.metrics["reward/mean"], prog_bar=True, on_step=True, sync_dist=True,
                  batch_size=batch.size, logger=False)
         self.log("loss", out["train/loss"], prog_bar=True, on_step=True, batch_size=batch.size, logger=False)
