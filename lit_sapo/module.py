@@ -312,28 +312,29 @@ class SAPOModule(LightningModule):
 
     # ---- metrics ------------------------------------------------------------------------------------------
     def _accumulate(self, stats: dict, terms: GateTerms, entropy: torch.Tensor | None) -> None:
-        mask = terms.mask.float()
-        tokens = mask.sum()
+        # policy_loss already reduced the micro-batch (token-weighted); pool those means with their token counts
+        tokens = stats["tokens"]
         if tokens == 0:
             return
-        def mean(x):
-            return (x * mask).sum() / tokens
-        values = {"loss": stats["loss"], "pg_loss": stats["pg_loss"], "kl": stats["kl"],
-                  "eur": mean(terms.gate_grad), "gated_frac": mean((terms.gate_grad < 0.5).float()),
-                  "clip_frac": mean((terms.gate_grad == 0).float()), "gate_mean": mean(terms.gate_value),
-                  "ratio_mean": mean(terms.ratio), "ratio_sq": mean(terms.ratio ** 2),
-                  "log_ratio_mean": mean(terms.log_ratio), "log_ratio_sq": mean(terms.log_ratio ** 2),
-                  "entropy": mean(entropy) if entropy is not None else torch.zeros(())}
+        mask = terms.mask.float()
+        log_ratio_mean = (terms.log_ratio * mask).sum() / tokens
+        values = {key: stats[key] for key in ("loss", "pg_loss", "kl", "eur", "gated_frac", "clip_frac", "gate_mean",
+                                               "ratio_mean")}
+        # second moments, so the rollout's variance is pooled exactly: E[x^2] = var + mean^2
+        values["ratio_sq"] = stats["ratio_var"] + stats["ratio_mean"] ** 2
+        values["log_ratio_mean"] = log_ratio_mean
+        values["log_ratio_sq"] = stats["log_ratio_var"] + log_ratio_mean ** 2
+        values["entropy"] = (entropy * mask).sum() / tokens if entropy is not None else torch.zeros(())
         for key, value in values.items():
             self.stats[key].update(value.detach().float(), tokens)
-        for sign_mask, metrics in ((terms.advantages > 0, self.stats_pos), (terms.advantages < 0, self.stats_neg)):
-            m = mask * sign_mask.float()
-            if m.sum() > 0:
-                metrics["eur"].update((terms.gate_grad * m).sum() / m.sum(), m.sum())
-                metrics["ratio_mean"].update((terms.ratio * m).sum() / m.sum(), m.sum())
-        valid = terms.ratio[mask > 0]
-        self.ratio_min.update(valid.min())
-        self.ratio_max.update(valid.max())
+        for sign, metrics in (("pos", self.stats_pos), ("neg", self.stats_neg)):
+            count = stats[f"tokens_{sign}"]
+            if count > 0:
+                in_sign = mask * ((terms.advantages > 0) if sign == "pos" else (terms.advantages < 0)).float()
+                metrics["eur"].update(stats[f"eur_{sign}"].float(), count)
+                metrics["ratio_mean"].update(((terms.ratio * in_sign).sum() / count).float(), count)
+        self.ratio_min.update(stats["ratio_min"])
+        self.ratio_max.update(stats["ratio_max"])
 
     def _log_step(self, batch: RolloutBatch, grad_norms: list[float]) -> None:
         values = {k: m.compute() for k, m in self.stats.items()}  # token-weighted, synced across ranks

@@ -3,7 +3,7 @@ and BenchmarkEvaluation with SmolLM2 (slow)."""
 
 from __future__ import annotations
 
-from tests.paths import GSM8K_TEST, SHARED_DATA
+from tests.paths import GSM8K_TEST
 import csv
 import json
 import math

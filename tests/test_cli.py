@@ -1,6 +1,6 @@
 """The `lit-sapo` CLI: every YAML recipe parses, bad settings fail in one line before any model is loaded."""
 
-from tests.paths import GSM8K_TEST, SHARED_DATA
+from tests.paths import SHARED_DATA
 import json
 import subprocess
 import sys

@@ -1,7 +1,6 @@
-from tests.paths import GSM8K_TEST, SHARED_DATA
+from tests.paths import SHARED_DATA
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
