@@ -19,7 +19,7 @@ from lit_sapo.gates import get_gate
 from lit_sapo.models import ModelSpec, check_model_spec, load_policy, load_tokenizer, resolve_source
 from lit_sapo.objective import AGGREGATIONS, GateTerms, policy_loss
 from lit_sapo.rollout import RolloutBatch
-from lit_sapo.scoring import completion_logprobs, install_scoring_head, shared_group_size
+from lit_sapo.scoring import completion_logprobs, install_scoring_head
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -102,9 +102,10 @@ class SAPOModule(LightningModule):
         rollout_correction: none, token_tis, seq_tis, token_mask, seq_mask: sampler/trainer mismatch correction.
         correction_cap: cap of the truncated IS weight, or the mask threshold.
         activation_checkpointing: under FSDP2, checkpoint each decoder layer.
-        share_prompt: run each group's prompt through the model once and share its KV cache among the group's
-            completions (same values and gradients, less compute); minibatches then hold whole groups.
-            Off under FSDP2.
+        padding_free: score each micro-batch packed (`lit_sapo.packing`): every prompt once, its completions
+            after it without padding, one forward (FSDP2-safe); same values and gradients, less compute.
+            Minibatches then hold whole groups. Needs sdpa or eager attention (else rows are padded).
+        pack_row_tokens: packed row length; groups are packed together up to it (a longer group has its own row).
     """
 
     def __init__(self, model: ModelSpec | None = None, gate: str = "sigmoid", tau_pos: float = 1.0,
@@ -115,7 +116,8 @@ class SAPOModule(LightningModule):
                  micro_batch_size: int | None = None, optimizer: OptimizerSettings | None = None,
                  max_grad_norm: float = 1.0, logprob_chunk_size: int = 1024, compute_entropy: bool = True,
                  rollout_correction: str = "none", correction_cap: float = 2.0,
-                 activation_checkpointing: bool = False, share_prompt: bool = True) -> None:
+                 activation_checkpointing: bool = False, padding_free: bool = True,
+                 pack_row_tokens: int = 1024) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.spec = model or ModelSpec()
@@ -136,6 +138,8 @@ class SAPOModule(LightningModule):
             raise ValueError(f"model.rollout_correction: unknown {rollout_correction!r}; use one of {list(CORRECTION_MODES)}")
         if ppo_epochs < 1 or num_minibatches < 1:
             raise ValueError("model.ppo_epochs and model.num_minibatches: must be >= 1")
+        if pack_row_tokens < 1:
+            raise ValueError(f"model.pack_row_tokens: must be >= 1, got {pack_row_tokens}")
         self.optim = optimizer or OptimizerSettings()
         if self.optim.schedule not in SCHEDULES:
             raise ValueError(f"model.optimizer.schedule: unknown {self.optim.schedule!r}; use one of {list(SCHEDULES)}")
@@ -144,7 +148,6 @@ class SAPOModule(LightningModule):
         if self.reference_spec is not None:
             check_model_spec(self.reference_spec, "model.reference")
         self.automatic_optimization = False
-        self.share_prompt = share_prompt
         self.weight_version = 0
         self.policy = None
         self.reference = None
@@ -172,10 +175,6 @@ class SAPOModule(LightningModule):
         mesh = self._device_mesh_or_none()
         if mesh is not None:
             from lit_sapo.distributed import shard_policy
-
-            # FSDP2 frees the gathered weights after each forward: a prompt forward and a completion forward that
-            # share one backward fail there, so each row keeps its own prompt under FSDP2
-            self.share_prompt = False
 
             shard_policy(self.policy, mesh, activation_checkpointing=self.hparams.activation_checkpointing)
             if self.reference is not None:
@@ -211,11 +210,13 @@ class SAPOModule(LightningModule):
     def score(self, batch: RolloutBatch, rows: torch.Tensor, *, reference: bool = False,
               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         policy = self.reference if reference else self.policy
-        group = shared_group_size(batch.group_ids[rows], batch.group_size) if self.share_prompt else 1
+        hp = self.hparams
         return completion_logprobs(policy, policy.get_output_embeddings(), batch.prompt_ids[rows],
                                    batch.prompt_mask[rows], batch.completion_ids[rows], batch.completion_mask[rows],
-                                   temperature=batch.temperature or 1.0, chunk_size=self.hparams.logprob_chunk_size,
-                                   with_entropy=with_entropy, group_size=group)
+                                   temperature=batch.temperature or 1.0, chunk_size=hp.logprob_chunk_size,
+                                   with_entropy=with_entropy,
+                                   group_ids=batch.group_ids[rows] if hp.padding_free else None,
+                                   pack_row_tokens=hp.pack_row_tokens)
 
     @torch.no_grad()
     def _score_all(self, batch: RolloutBatch, reference: bool = False) -> torch.Tensor:
@@ -252,9 +253,9 @@ class SAPOModule(LightningModule):
         return vars(output).copy()
 
     def _shuffled_rows(self, batch: RolloutBatch, generator: torch.Generator) -> torch.Tensor:
-        if not self.share_prompt:
+        if not self.hparams.padding_free:
             return torch.randperm(batch.size, generator=generator).to(self.device)
-        # whole groups stay together (consecutive), so each micro-batch can share its prompts
+        # whole groups stay together (consecutive), so each micro-batch packs each prompt once
         g = batch.group_size
         groups = torch.randperm(batch.size // g, generator=generator)
         return (groups[:, None] * g + torch.arange(g)).flatten().to(self.device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_sapo.logprobs import token_logprobs
+from lit_sapo.packing import PACKABLE_ATTENTION, pack_groups, scored_lengths
 
 
 @dataclass
@@ -24,6 +25,7 @@ class _Request:
     temperature: float
     chunk_size: int
     with_entropy: bool
+    keep: Tensor | None = None  # [B, T] bool: score only these positions (their targets, flattened, in `targets`)
 
 
 class ScoringHead(nn.Module):
@@ -39,7 +41,10 @@ class ScoringHead(nn.Module):
         request = self.request
         if request is None:
             return F.linear(hidden, self.weight, self.bias)
-        logp, entropy = token_logprobs(hidden, self.weight, request.targets, bias=self.bias,
+        if request.keep is not None:
+            hidden = hidden[request.keep][None]  # [1, T, H]: the packed rows' scored positions only
+        targets = request.targets if request.keep is None else request.targets[None]
+        logp, entropy = token_logprobs(hidden, self.weight, targets, bias=self.bias,
                                        temperature=request.temperature, chunk_size=request.chunk_size,
                                        with_entropy=request.with_entropy)
         if entropy is None:
@@ -57,8 +62,9 @@ def install_scoring_head(policy: nn.Module) -> ScoringHead:
 
 
 @contextmanager
-def scoring(head: ScoringHead, targets: Tensor, temperature: float, chunk_size: int, with_entropy: bool):
-    head.request = _Request(targets, temperature, chunk_size, with_entropy)
+def scoring(head: ScoringHead, targets: Tensor, temperature: float, chunk_size: int, with_entropy: bool,
+            keep: Tensor | None = None):
+    head.request = _Request(targets, temperature, chunk_size, with_entropy, keep)
     try:
         yield
     finally:
@@ -67,47 +73,32 @@ def scoring(head: ScoringHead, targets: Tensor, temperature: float, chunk_size: 
 
 def completion_logprobs(policy: nn.Module, head: ScoringHead, prompt_ids: Tensor, prompt_mask: Tensor,
                         completion_ids: Tensor, completion_mask: Tensor, *, temperature: float = 1.0,
-                        chunk_size: int = 1024, with_entropy: bool = False,
-                        group_size: int = 1) -> tuple[Tensor, Tensor]:
+                        chunk_size: int = 1024, with_entropy: bool = False, group_ids: Tensor | None = None,
+                        pack_row_tokens: int = 1024) -> tuple[Tensor, Tensor]:
     """(logp [B, C], entropy [B, C]) of each completion token given its left-padded prompt.
 
-    Positions: the hidden state at prompt_len - 1 + k predicts completion token k, so the last C + 1 hidden
-    states are scored (targets padded by one column) and the final one is dropped.
-
-    `group_size` G > 1: rows come in runs of G completions of the same prompt. The prompt (all but its last token)
-    then goes through the model once per group, with grad, and its KV cache is repeated G times for the
-    completions: the same values and gradients as G separate prompts, for a fraction of the prompt's compute.
+    With `group_ids` (rows with equal ids share a prompt) and an sdpa / eager attention model, the rows are scored
+    padding-free (see `lit_sapo.packing`): each prompt once, no pad tokens, tokens past the last one that
+    `completion_mask` keeps are skipped (their values are 0). Otherwise each row is scored padded: the hidden state
+    at prompt_len - 1 + k predicts completion token k, so the last C + 1 hidden states are scored (targets padded
+    by one column) and the final one is dropped.
     """
+    attn = getattr(getattr(policy, "config", None), "_attn_implementation", None)
+    if group_ids is not None and attn in PACKABLE_ATTENTION:
+        layout = pack_groups(prompt_ids, prompt_mask, completion_ids, group_ids, scored_lengths(completion_mask),
+                             row_tokens=pack_row_tokens)
+        dtype = next(policy.parameters()).dtype
+        with scoring(head, layout.targets, temperature, chunk_size, with_entropy, keep=layout.keep):
+            out = policy(input_ids=layout.input_ids, attention_mask=layout.attention_mask(attn, dtype),
+                         position_ids=layout.position_ids, use_cache=False, logits_to_keep=0)
+        values = layout.unpack(out.logits[0])  # fp32 already (token_logprobs)
+        return values[..., 0], values[..., 1]
     attention = torch.cat([prompt_mask, completion_mask], dim=1).long()
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     targets = F.pad(completion_ids, (0, 1))
-    keep = completion_ids.shape[1] + 1
-    width = prompt_ids.shape[1]
-    if group_size > 1 and width > 1:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=getattr(policy, "config", None))
-        policy(input_ids=prompt_ids[::group_size, :-1], attention_mask=attention[::group_size, :width - 1],
-               position_ids=position_ids[::group_size, :width - 1], past_key_values=cache, use_cache=True,
-               logits_to_keep=1)
-        cache.batch_repeat_interleave(group_size)  # differentiable: gradients of the G copies add up
-        input_ids = torch.cat([prompt_ids[:, -1:], completion_ids], dim=1)
-        with scoring(head, targets, temperature, chunk_size, with_entropy):
-            out = policy(input_ids=input_ids, attention_mask=attention, position_ids=position_ids[:, width - 1:],
-                         past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    else:
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        with scoring(head, targets, temperature, chunk_size, with_entropy):
-            out = policy(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                         logits_to_keep=keep, use_cache=False)
-    values = out.logits[:, :-1].float()
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    with scoring(head, targets, temperature, chunk_size, with_entropy):
+        out = policy(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                     logits_to_keep=completion_ids.shape[1] + 1, use_cache=False)
+    values = out.logits[:, :-1]
     return values[..., 0], values[..., 1]
-
-
-def shared_group_size(group_ids: Tensor, group_size: int) -> int:
-    """`group_size` if the rows form whole consecutive groups (so prompts can be shared), else 1."""
-    n = group_ids.numel()
-    if group_size < 2 or n % group_size:
-        return 1
-    runs = group_ids.view(-1, group_size)
-    return group_size if bool((runs == runs[:, :1]).all()) else 1

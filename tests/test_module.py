@@ -45,12 +45,12 @@ def _fixed_batch(module: SAPOModule, n: int = 4, p: int = 5, c: int = 6) -> Roll
 
 
 @pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
-def test_micro_batches_and_shared_prompts_give_the_whole_minibatch_gradient(aggregation):
+def test_micro_batches_and_packed_rows_give_the_whole_minibatch_gradient(aggregation):
     grads = []
-    # reference: whole minibatch, every row with its own prompt; then micro-batches, shared prompts, both
-    for micro, share in ((None, False), (1, False), (3, False), (None, True), (2, True), (3, True)):
+    # reference: whole minibatch, one padded row per completion; then micro-batches, packed rows, both
+    for micro, share in ((None, False), (1, False), (3, False), (None, True), (2, True), (3, True), (1, True)):
         module = SAPOModule(model=ModelSpec(name="tiny-random-llama"), aggregation=aggregation, norm_length=8,
-                            micro_batch_size=micro, compute_entropy=False, share_prompt=share)
+                            micro_batch_size=micro, compute_entropy=False, padding_free=share, pack_row_tokens=8)
         module.configure_model()
         module.manual_backward = lambda loss: loss.backward()  # no Trainer here
         batch = _fixed_batch(module)
@@ -59,8 +59,10 @@ def test_micro_batches_and_shared_prompts_give_the_whole_minibatch_gradient(aggr
         module._update(batch, rows, old, None, None, 0, 0, StepOutput(torch.zeros(()), batch, old))
         grads.append(torch.cat([q.grad.flatten() for q in module.policy.parameters() if q.grad is not None]))
     assert grads[0].abs().sum() > 0
+    # padding-free rows sum the prompt's gradient in another order (RMSNorm and rotary run in fp32 even in a
+    # float64 model), so they agree to fp32 rounding: ~5e-6 of gradients up to 1.3 (a wrong mask gives ~1e-2)
     for other in grads[1:]:
-        torch.testing.assert_close(other, grads[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(other, grads[0], atol=2e-5, rtol=1e-4)
 
 
 def test_correction_weights_hand_values():

@@ -18,16 +18,19 @@ class HFSampler:
         top_k: keep the k most likely tokens (0 = off).
         max_new_tokens: completion length cap; a completion that hits it finishes with reason 'length'.
         batch_size: prompts per `generate` call (None = all prompts of the rollout at once).
+        share_prefill: run each prompt through the model once and repeat its KV cache for the G completions
+            (the same distribution as G separate prefills, for 1/G of the prefill compute).
     """
 
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, share_prefill: bool = True) -> None:
         check_sampling_args(temperature, top_p, top_k, max_new_tokens)
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.share_prefill = share_prefill
         self.weight_version = 0
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -66,6 +69,18 @@ class HFSampler:
             policy.train(was_training)
         return out
 
+    def _prefill(self, input_ids: torch.Tensor, attention: torch.Tensor, copies: int):
+        """KV cache of the prompts (all but their last token), each repeated `copies` times."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=getattr(self.policy, "config", None))
+        # the positions `generate` gives left-padded rows: pads count from 1, real tokens from 0
+        position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
+        self.policy(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(copies)
+        return cache
+
     def _generate_chunk(self, chunk, num_generations, temperature, max_new_tokens, device, out: Generation) -> None:
         tok = self.tokenizer
         width = max(len(p) for p in chunk)
@@ -73,11 +88,17 @@ class HFSampler:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         sampling = temperature > 0
-        kwargs = dict(do_sample=sampling, max_new_tokens=max_new_tokens, num_return_sequences=num_generations,
+        kwargs = dict(do_sample=sampling, max_new_tokens=max_new_tokens,
                       pad_token_id=pad, eos_token_id=tok.eos_token_id, output_scores=True,
                       return_dict_in_generate=True, use_cache=True,
                       # every FSDP rank must run the same number of forward passes (they all-gather weights)
                       synced_gpus=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+        if self.share_prefill and num_generations > 1 and width > 1:
+            # `generate` only runs the tokens the cache lacks: the last prompt token, then the completions
+            kwargs["past_key_values"] = self._prefill(input_ids[:, :-1], attention[:, :-1], num_generations)
+        # rows repeated here, not by `num_return_sequences` (which greedy decoding refuses)
+        input_ids = input_ids.repeat_interleave(num_generations, dim=0)
+        attention = attention.repeat_interleave(num_generations, dim=0)
         if sampling:
             kwargs.update(temperature=temperature, top_p=self.top_p, top_k=self.top_k or None)
         else:
