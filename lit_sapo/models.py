@@ -53,12 +53,18 @@ class ModelSpec:
     """Parameter dtype: fp32 or bf16 (use bf16 on GPU; fp32 on CPU, where bf16 is 3-5x slower)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    attn_implementation: str | None = None
+    """Attention kernel (sdpa, eager, flash_attention_2, ...); None = transformers' default (sdpa). Padding-free
+    scoring needs sdpa or eager; with another kernel rows are scored padded."""
     trust_remote_code: bool = False
     """Allow model code from the hub repository (off unless you trust it)."""
     lora: LoraSettings | None = None
     """LoRA settings; None trains all parameters."""
     seed: int = 0
     """Seed of the random init of tiny-random-llama."""
+
+
+ATTENTION_KERNELS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def cache_dir() -> Path:
@@ -76,6 +82,10 @@ def check_model_spec(spec: ModelSpec, where: str = "model") -> None:
     """Cheap checks, run before anything is loaded: one clear line per problem, naming the setting `where`.*."""
     if spec.dtype not in DTYPES:
         raise ValueError(f"{where}.dtype: unknown dtype {spec.dtype!r}; use one of {sorted(set(DTYPES))}")
+    attn = spec.attn_implementation
+    if attn is not None and attn not in ATTENTION_KERNELS and "/" not in attn:  # org/name: a hub kernel
+        raise ValueError(f"{where}.attn_implementation: unknown {attn!r}; use one of {list(ATTENTION_KERNELS)} "
+                         "or a hub kernel id org/name")
     if spec.name == SMOLLM2:
         smollm2_gguf_folder(where)
         return
@@ -184,13 +194,16 @@ def load_policy(spec: ModelSpec) -> nn.Module:
         vocab = load_tokenizer(spec).vocab_size
         config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                             attn_implementation=spec.attn_implementation)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             model = LlamaForCausalLM(config).to(dtype)
     else:
         source, gguf_file = resolve_source(spec)
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if spec.attn_implementation is not None:
+            kwargs["attn_implementation"] = spec.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=spec.trust_remote_code,
                                                      **kwargs)
     if spec.gradient_checkpointing:

@@ -63,6 +63,8 @@ def _fail(args: list[str], capsys, monkeypatch) -> str:
     (["--model.model.name", "/nope/model"], "model.model.name"),
     (["--model.aggregation", "mean"], "model.aggregation"),
     (["--model.rollout_correction", "tis"], "model.rollout_correction"),
+    (["--model.model.attn_implementation", "flash"], "model.model.attn_implementation"),
+    (["--model.pack_row_tokens", "0"], "model.pack_row_tokens"),
 ])
 def test_bad_setting_fails_in_one_line_before_loading(args, expected, capsys, monkeypatch):
     line = _fail(args, capsys, monkeypatch)

@@ -105,8 +105,10 @@ class HFSampler:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         result = self.policy.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         new_tokens = result.sequences[:, width:]
-        # log-softmax of the processed scores (temperature, top-k/p) of each chosen token
-        scores = self.policy.compute_transition_scores(result.sequences, result.scores, normalize_logits=True)
+        # log-softmax of the processed scores (temperature, top-k/p) at each chosen token, one step at a time
+        # (no stacked [steps, rows, vocab] copy)
+        scores = torch.stack([step.gather(1, new_tokens[:, i:i + 1]).squeeze(1) - step.logsumexp(-1)
+                              for i, step in enumerate(result.scores)], dim=1)
         stop_ids = {tok.eos_token_id} if isinstance(tok.eos_token_id, int) else set(tok.eos_token_id or [])
         for row, row_scores in zip(new_tokens.tolist(), scores.float().tolist()):
             length = len(row)
