@@ -95,3 +95,14 @@ def test_a_fully_masked_micro_batch_still_runs_forward_and_backward():
     logp.sum().backward()
     grads = [q.grad for q in policy.parameters()]
     assert all(g is not None for g in grads) and all(g.abs().sum() == 0 for g in grads)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 200])
+def test_the_output_layer_outside_scoring_is_the_plain_linear_layer(rows):
+    # few rows (decode) take the transposed product on CPU: same logits as F.linear up to fp32 rounding
+    policy = load_policy(ModelSpec(name="tiny-random-llama"))
+    head = install_scoring_head(policy)
+    hidden = torch.randn(rows, 1, head.in_features, generator=torch.Generator().manual_seed(rows))
+    logits = head(hidden)
+    assert logits.shape == (rows, 1, head.out_features)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, head.weight), atol=1e-5, rtol=1e-5)

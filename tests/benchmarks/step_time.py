@@ -115,15 +115,13 @@ def run_trl(steps: int, warmup: int) -> dict:
     def accuracy(completions, answer, **_):
         return [float(extract_answer(c[0]["content"]) == a) for c, a in zip(completions, answer)]
 
-    times: list[float] = []
+    ends: list[float] = []
     generate_times: list[float] = []
 
     class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self._t = time.perf_counter()
-
+        # as for lit_sapo: the time between consecutive step ends (data, logging and callbacks included)
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self._t)
+            ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as tmp:
         config = GRPOConfig(output_dir=tmp, loss_type="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
@@ -145,7 +143,7 @@ def run_trl(steps: int, warmup: int) -> dict:
                               reward_funcs=accuracy, args=config, train_dataset=Dataset.from_list(rows),
                               processing_class=AutoTokenizer.from_pretrained(folder), callbacks=[StepTimer()])
         trainer.train()
-    timed = times[warmup:]
+    timed = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
     return {"step_s": statistics.median(timed), "generate_s": statistics.median(generate_times[warmup:]),
             "steps_timed": len(timed)}
 
