@@ -62,35 +62,36 @@ def pack_groups(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
     """Build the packed layout; rows with the same group id must have the same prompt."""
     n, c = completion_ids.shape
     device = completion_ids.device
+    # the layout is built on the host (small index work), then moved to the device once
+    prompt_ids, prompt_mask, completion_ids = prompt_ids.cpu(), prompt_mask.cpu().bool(), completion_ids.cpu()
     lengths = lengths.tolist()
     phantom = sum(lengths) == 0
     if phantom:
         # nothing to score, but every rank must still run a forward and a backward (FSDP collectives):
         # score one token of the first row and report it as not scored
         lengths = [1] + [0] * (n - 1)
-    prompts = [prompt_ids[i][prompt_mask[i].bool()] for i in range(n)]
     order: dict[int, list[int]] = {}
     for i, g in enumerate(group_ids.tolist()):
         if lengths[i] > 0:
             order.setdefault(g, []).append(i)
 
-    # one block per group: (token ids, position ids, segment id per token, target per token, row of each segment)
+    # one block per group: (token ids, position ids, segment id, target per token, (row, offset) of each segment)
     blocks = []
     for members in order.values():
-        prompt = prompts[members[0]]
+        prompt = prompt_ids[members[0]][prompt_mask[members[0]]]
         p = prompt.numel()
         ids, pos, seg, tgt = [prompt[:-1]], [torch.arange(p - 1)], [torch.zeros(p - 1, dtype=torch.long)], \
             [torch.full((p - 1,), -1, dtype=torch.long)]
         starts = []
         for j, i in enumerate(members, start=1):
             k = lengths[i]
-            comp = completion_ids[i, :k].cpu()
+            comp = completion_ids[i, :k]
             starts.append((i, sum(t.numel() for t in ids)))
-            ids.append(torch.cat([prompt[-1:].cpu(), comp[:-1]]))
+            ids.append(torch.cat([prompt[-1:], comp[:-1]]))
             pos.append(torch.arange(p - 1, p - 1 + k))
             seg.append(torch.full((k,), j, dtype=torch.long))
             tgt.append(comp)
-        blocks.append((torch.cat([t.cpu() for t in ids]), torch.cat(pos), torch.cat(seg), torch.cat(tgt), starts))
+        blocks.append((torch.cat(ids), torch.cat(pos), torch.cat(seg), torch.cat(tgt), starts))
 
     rows: list[list] = []
     for block in blocks:
