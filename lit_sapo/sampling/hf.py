@@ -93,7 +93,12 @@ class HFSampler:
                       return_dict_in_generate=True, use_cache=True,
                       # every FSDP rank must run the same number of forward passes (they all-gather weights)
                       synced_gpus=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
-        if self.share_prefill and num_generations > 1 and width > 1:
+        share = self.share_prefill and num_generations > 1 and width > 1
+        if kwargs["synced_gpus"]:  # the prefill is a forward pass: all ranks run it or none
+            flag = torch.tensor(float(share), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            share = bool(flag.item())
+        if share:
             # `generate` only runs the tokens the cache lacks: the last prompt token, then the completions
             kwargs["past_key_values"] = self._prefill(input_ids[:, :-1], attention[:, :-1], num_generations)
         # rows repeated here, not by `num_return_sequences` (which greedy decoding refuses)
