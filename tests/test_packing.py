@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lit_sapo.models import ModelSpec, load_policy
+from lit_sapo.models import LoraSettings, ModelSpec, load_policy
 from lit_sapo.packing import pack_groups, scored_lengths
 from lit_sapo.scoring import completion_logprobs, install_scoring_head
 
@@ -81,6 +81,25 @@ def test_packed_values_and_gradients_equal_the_padded_rows(attention, row_tokens
     torch.testing.assert_close(lp_b, lp_a, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(ent_b, ent_a, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(grad_b, grad_a, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [ModelSpec(name="tiny-random-llama", lora=LoraSettings(r=2, alpha=4)),
+                                  ModelSpec(name="tiny-random-llama", gradient_checkpointing=True)],
+                         ids=["lora", "gradient-checkpointing"])
+def test_packing_with_lora_and_gradient_checkpointing(spec):
+    policy = load_policy(spec).train()
+    head = install_scoring_head(policy)
+    prompt_ids, prompt_mask, completion_ids, mask, group_ids = _ragged_batch(policy.config.vocab_size,
+                                                                             torch.Generator().manual_seed(1))
+    results = []
+    for groups in (None, group_ids):
+        policy.zero_grad(set_to_none=True)
+        logp, _ = completion_logprobs(policy, head, prompt_ids, prompt_mask, completion_ids, mask, group_ids=groups)
+        (logp * mask).sum().backward()
+        results.append((logp * mask, torch.cat([q.grad.flatten() for q in policy.parameters() if q.grad is not None])))
+    assert results[0][1].abs().sum() > 0
+    torch.testing.assert_close(results[1][0], results[0][0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=2e-5, rtol=1e-4)
 
 
 def test_a_fully_masked_micro_batch_still_runs_forward_and_backward():
