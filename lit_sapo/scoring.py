@@ -19,6 +19,9 @@ from lit_sapo.logprobs import token_logprobs
 from lit_sapo.packing import PACKABLE_ATTENTION, pack_groups, scored_lengths
 
 
+_FEW_ROWS = 64  # at most this many rows count as decoding for the output layer
+
+
 @dataclass
 class _Request:
     targets: Tensor
@@ -51,18 +54,14 @@ class ScoringHead(nn.Module):
             entropy = torch.zeros_like(logp)
         return torch.stack([logp, entropy], dim=-1)
 
-
     def _project(self, hidden: Tensor) -> Tensor:
         rows = hidden.numel() // hidden.shape[-1]
         if hidden.device.type == "cpu" and self.bias is None and rows <= _FEW_ROWS:
             # decode: MKL runs [rows, H] @ [H, V] for a few rows on one core; W @ h^T splits V across the cores
-            # (SmolLM2, 8 rows: 7.9 vs 17.2 ms per step; tests/benchmarks/step_time.py shows the whole step)
+            # (SmolLM2's 49152 x 576 head, 8 rows: about 2x faster; tests/benchmarks/decode.py)
             flat = hidden.reshape(rows, hidden.shape[-1])
             return torch.mm(self.weight, flat.t()).t().reshape(*hidden.shape[:-1], self.out_features)
         return F.linear(hidden, self.weight, self.bias)
-
-
-_FEW_ROWS = 64
 
 
 def install_scoring_head(policy: nn.Module) -> ScoringHead:
