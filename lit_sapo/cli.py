@@ -48,9 +48,24 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> Lightn
     )
 
 
+# Commands beside LightningCLI's fit/validate/test/predict: name -> module with `main(argv) -> int`.
+# Each is imported only when called, so `lit-sapo fit` pays for none of them.
+TOOLS = {
+    "sweep": "lit_sapo.study.sweep",
+    "plot": "lit_sapo.study.plot_cli",
+    "probe": "lit_sapo.study.probe",
+    "eval": "lit_sapo.evaluate",
+}
+
+
 def run() -> None:
     """The `lit-sapo` console script: exit status 0 on success (`sys.exit(main())` would print the CLI object
     and exit 1, which SLURM and shell scripts read as a failure)."""
+    argv = sys.argv[1:]
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        raise SystemExit(importlib.import_module(TOOLS[argv[0]]).main(argv[1:]) or 0)
     main()
 
 
