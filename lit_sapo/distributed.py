@@ -1,7 +1,15 @@
 """FSDP2 (`fully_shard`) plan for a HF causal LM, used by SAPOModule.configure_model under ModelParallelStrategy.
 
 One code path for CPU (gloo, tests) and GPU (NCCL): each decoder layer is its own FSDP unit, then the root holds
-the embeddings, final norm and output head. Mixed precision (bf16 compute, fp32 reduce) only on GPU.
+the embeddings, final norm and output head.
+
+Precision: parameters (the master weights, and so AdamW's state) keep their load dtype, fp32 for training. With a
+compute dtype (bf16) FSDP2 casts the gathered parameters to it for forward and backward, and reduces and stores the
+gradients in fp32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`). See docs/distributed.md.
+
+HSDP: with `replicate` > 1 the data-parallel ranks form a 2D mesh (replicate, shard): parameters are sharded within
+a group of `world / replicate` consecutive ranks (one node) and replicated across groups, so the all-gathers stay
+inside a node and only the gradient all-reduce crosses nodes.
 """
 
 from __future__ import annotations
@@ -10,20 +18,52 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lit_sapo.models import decoder_layers
+from lit_sapo.models import DTYPES, decoder_layers
 
 
-def shard_policy(model: nn.Module, mesh, *, activation_checkpointing: bool = False,
-                 mixed_precision: bool | None = None) -> nn.Module:
+def compute_dtype_for(setting: str | None, param_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The forward/backward dtype: the setting if given, else bf16 on GPU and the parameter dtype elsewhere."""
+    if setting is not None:
+        return DTYPES[setting]
+    return torch.bfloat16 if device_type == "cuda" else param_dtype
+
+
+def mixed_precision_policy(param_dtype: torch.dtype, compute_dtype: torch.dtype) -> MixedPrecisionPolicy:
+    if compute_dtype == param_dtype:
+        return MixedPrecisionPolicy()
+    # gradients are reduced in fp32 (a bf16 sum over many ranks loses bits) and land in the fp32 parameters
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def data_parallel_mesh(mesh, replicate: int = 1):
+    """The mesh `fully_shard` gets: the data-parallel dim of Lightning's mesh, or a 2D (replicate, shard) one."""
     names = mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
         # the rollout stream gives every rank its own prompts: a TP group would need identical inputs
         raise ValueError(f"trainer.strategy: tensor parallelism is not supported; set tensor_parallel_size: 1 and "
                          f"data_parallel_size: {mesh.size()} (the number of processes)")
     dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
-    on_gpu = dp_mesh.device_type == "cuda"
-    use_mp = on_gpu if mixed_precision is None else mixed_precision
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_mp else MixedPrecisionPolicy()
+    if replicate <= 1:
+        return dp_mesh
+    world = dp_mesh.size()
+    if world % replicate:
+        raise ValueError(f"model.model.fsdp_replicate: {replicate} does not divide the {world} data-parallel "
+                         "processes; use the number of nodes")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(dp_mesh.device_type, (replicate, world // replicate),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard_policy(model: nn.Module, mesh, *, activation_checkpointing: bool = False,
+                 compute_dtype: torch.dtype | None = None, replicate: int = 1) -> nn.Module:
+    """Shard `model` in place over `mesh` (each decoder layer, then the root) and return it.
+
+    `compute_dtype`: None = the parameters' dtype (no casting); bf16 with fp32 parameters = mixed precision.
+    """
+    dp_mesh = data_parallel_mesh(mesh, replicate)
+    param_dtype = next(model.parameters()).dtype
+    mp = mixed_precision_policy(param_dtype, compute_dtype or param_dtype)
     layers = decoder_layers(model)
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

@@ -31,11 +31,30 @@ def _check_args(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: fl
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _mm_fp32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b as fp32. fp32 operands: a plain fp32 matmul. bf16/fp16 operands: a low-precision matmul (tensor cores
+    on GPU) with fp32 accumulation, and fp32 output on CUDA (`out_dtype`); on CPU the product is rounded to the
+    operands' dtype once, then widened (CPU has no fp32-output kernel for it)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    product = torch.mm(a, b)
+    return out.copy_(product) if out is not None else product.float()
+
+
 def _logits_into(out: Tensor, h: Tensor, w_t: Tensor, b: Tensor | None, scale: float) -> Tensor:
-    """out <- (h @ w_t + b) * scale, written into a reused buffer (no fresh [chunk, V] allocation)."""
-    if b is not None:
+    """out <- (h @ w_t + b) * scale, written into a reused fp32 buffer (no fresh [chunk, V] allocation).
+    `h` is cast to `w_t`'s dtype: fp32 weights give an fp32 matmul, bf16 weights a bf16 one with fp32 output."""
+    h = h.to(w_t.dtype)
+    if b is not None and w_t.dtype == torch.float32:
         return torch.addmm(b, h, w_t, beta=scale, alpha=scale, out=out)
-    torch.mm(h, w_t, out=out)
+    _mm_fp32(h, w_t, out=out)
+    if b is not None:
+        out.add_(b)
     return out.mul_(scale) if scale != 1.0 else out
 
 
@@ -47,7 +66,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
         tgt = targets.reshape(-1, 1)
         n = rows.shape[0]
         scale = 1.0 / temperature
-        w_t = weight.float().t()  # a view when weight is fp32; one [V, H] copy otherwise
+        # bf16/fp16 weights stay in their dtype (no [V, H] fp32 copy): the matmul is low precision with fp32 output
+        w_t = (weight if weight.dtype in _LOW_PRECISION else weight.float()).t()
         b32 = bias.float() if bias is not None else None
         c = min(chunk_size, max(n, 1))
         buf = rows.new_empty((c, weight.shape[0]), dtype=torch.float32)
@@ -57,7 +77,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
         ent = rows.new_empty(n if with_entropy else 0, dtype=torch.float32)
         for s in range(0, n, c):
             e_ = min(s + c, n)
-            z = _logits_into(buf[: e_ - s], rows[s:e_].float(), w_t, b32, scale)
+            z = _logits_into(buf[: e_ - s], rows[s:e_], w_t, b32, scale)
             m = z.amax(dim=1)
             z.sub_(m[:, None])  # shifted logits: exp cannot overflow
             z_tgt = z.gather(1, tgt[s:e_]).squeeze(1)
@@ -92,7 +112,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
         rows = hidden.reshape(-1, h_)
         tgt = targets.reshape(-1, 1)
         n, scale = rows.shape[0], ctx.scale
-        w32 = weight.float()
+        w = weight if weight.dtype in _LOW_PRECISION else weight.float()
         b32 = bias.float() if bias is not None else None
         c = min(ctx.chunk_size, max(n, 1))
         # The 1/temperature factor of dz/dlogits is folded into the per-row upstream grads (cheaper than
@@ -102,12 +122,12 @@ class _ChunkedLogProbs(torch.autograd.Function):
         buf = rows.new_empty((c, weight.shape[0]), dtype=torch.float32)
         buf2 = torch.empty_like(buf) if g2 is not None else None
         grad_h = torch.empty_like(rows) if need_h else None
-        grad_w = torch.zeros_like(w32) if need_w else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=rows.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=rows.device) if need_b else None
         for s in range(0, n, c):
             e_ = min(s + c, n)
-            h32 = rows[s:e_].float()
-            z = _logits_into(buf[: e_ - s], h32, w32.t(), b32, scale)
+            h = rows[s:e_].to(w.dtype)
+            z = _logits_into(buf[: e_ - s], h, w.t(), b32, scale)
             z.sub_(lse[s:e_, None])  # log p
             if g2 is not None:
                 # dL/dz_j = g1 (1[j=y] - p_j) - g2 p_j (log p_j + H)
@@ -121,9 +141,12 @@ class _ChunkedLogProbs(torch.autograd.Function):
             if g1 is not None:
                 dz.scatter_add_(1, tgt[s:e_], g1[s:e_, None])
             if need_h:
-                grad_h[s:e_] = dz @ w32
+                grad_h[s:e_] = _mm_fp32(dz.to(w.dtype), w)
             if need_w:
-                grad_w.addmm_(dz.t(), h32)
+                if w.dtype in _LOW_PRECISION:
+                    grad_w.add_(_mm_fp32(dz.t().to(w.dtype), h))
+                else:
+                    grad_w.addmm_(dz.t(), h)
             if need_b:
                 grad_b.add_(dz.sum(dim=0))
         return (
@@ -147,7 +170,9 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """Log p(targets) and (optionally) entropy per token, computed in chunks of `chunk_size` rows.
 
-    Logits are `(hidden @ weight.T + bias) / temperature` in fp32. `hidden` is [B, T, H] of any float
+    Logits are `(hidden @ weight.T + bias) / temperature` in fp32: an fp32 matmul for fp32 weights; for bf16/fp16
+    weights a matmul in their dtype (hidden cast to it) with fp32 accumulation and output, as tensor cores run it
+    (no fp32 copy of the [V, H] weight), then log-softmax in fp32. `hidden` is [B, T, H] of any float
     dtype, `weight` is [V, H] (may be the tied input embedding), `targets` [B, T] holds valid token ids
     (mask padding in the loss, not here). Returns (logp [B, T] fp32, entropy [B, T] fp32 or None).
     The entropy carries a gradient only when `entropy_grad=True`; otherwise it is detached.

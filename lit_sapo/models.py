@@ -50,7 +50,17 @@ class ModelSpec:
     gguf_file: str | None = None
     """GGUF file name inside `name` (a folder or hub id), when the weights are GGUF."""
     dtype: str = "fp32"
-    """Parameter dtype: fp32 or bf16 (use bf16 on GPU; fp32 on CPU, where bf16 is 3-5x slower)."""
+    """Parameter (master weight) dtype, also of AdamW's state. Keep fp32 for training: bf16 parameters round
+    lr 1e-6 updates away (refused unless `allow_bf16_params`). For bf16 speed use `compute_dtype`."""
+    compute_dtype: str | None = None
+    """Forward/backward dtype under FSDP2 (ModelParallelStrategy): parameters are cast to it for compute,
+    gradients are reduced and stored in fp32. None = bf16 on GPU, `dtype` on CPU; `fp32` turns it off."""
+    fsdp_replicate: int = 1
+    """HSDP under FSDP2: replicate the parameters over this many groups of ranks (the number of nodes) and shard
+    within each group; 1 = shard over every rank."""
+    allow_bf16_params: bool = False
+    """Accept `dtype: bf16`/`fp16` for a fully trained policy (AdamW then updates bf16 weights; most small
+    updates vanish). LoRA needs no such flag: peft keeps its adapters in fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     attn_implementation: str | None = None
@@ -82,6 +92,9 @@ def check_model_spec(spec: ModelSpec, where: str = "model") -> None:
     """Cheap checks, run before anything is loaded: one clear line per problem, naming the setting `where`.*."""
     if spec.dtype not in DTYPES:
         raise ValueError(f"{where}.dtype: unknown dtype {spec.dtype!r}; use one of {sorted(set(DTYPES))}")
+    if spec.compute_dtype is not None and spec.compute_dtype not in DTYPES:
+        raise ValueError(f"{where}.compute_dtype: unknown dtype {spec.compute_dtype!r}; use one of "
+                         f"{sorted(set(DTYPES))} or null")
     attn = spec.attn_implementation
     if attn is not None and attn not in ATTENTION_KERNELS and "/" not in attn:  # org/name: a hub kernel
         raise ValueError(f"{where}.attn_implementation: unknown {attn!r}; use one of {list(ATTENTION_KERNELS)} "
@@ -106,6 +119,14 @@ def check_model_spec(spec: ModelSpec, where: str = "model") -> None:
     elif spec.name.count("/") != 1:
         raise ValueError(f"{where}.name: {spec.name!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}), "
                          "a local path, nor a hub id of the form org/name")
+
+
+def check_trainable_dtype(spec: ModelSpec, where: str = "model") -> None:
+    """The trained policy keeps fp32 master weights unless the user says otherwise (AdamW on bf16 weights
+    loses updates below bf16's resolution: at lr 1e-6 about 2 % of the weights change in 10 steps)."""
+    if DTYPES[spec.dtype] != torch.float32 and spec.lora is None and not spec.allow_bf16_params:
+        raise ValueError(f"{where}.dtype: {spec.dtype} parameters under AdamW lose small updates; set dtype: fp32 "
+                         f"and compute_dtype: bf16 (fp32 master weights, bf16 compute), or allow_bf16_params: true")
 
 
 def resolve_source(spec: ModelSpec) -> tuple[str, str | None]:

@@ -16,7 +16,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 
 from lit_sapo.correction import CORRECTION_MODES, rollout_correction_weights
 from lit_sapo.gates import get_gate
-from lit_sapo.models import ModelSpec, check_model_spec, load_policy, load_tokenizer, resolve_source
+from lit_sapo.models import ModelSpec, check_model_spec, check_trainable_dtype, load_policy, load_tokenizer, resolve_source
 from lit_sapo.objective import AGGREGATIONS, GateTerms, policy_loss
 from lit_sapo.rollout import RolloutBatch
 from lit_sapo.scoring import completion_logprobs, install_scoring_head
@@ -144,6 +144,7 @@ class SAPOModule(LightningModule):
         if self.optim.schedule not in SCHEDULES:
             raise ValueError(f"model.optimizer.schedule: unknown {self.optim.schedule!r}; use one of {list(SCHEDULES)}")
         check_model_spec(self.spec, "model.model")
+        check_trainable_dtype(self.spec, "model.model")
         self.reference_spec = reference or (self.spec if kl_coef > 0 else None)
         if self.reference_spec is not None:
             check_model_spec(self.reference_spec, "model.reference")
@@ -174,11 +175,14 @@ class SAPOModule(LightningModule):
             install_scoring_head(self.reference)
         mesh = self._device_mesh_or_none()
         if mesh is not None:
-            from lit_sapo.distributed import shard_policy
+            from lit_sapo.distributed import compute_dtype_for, shard_policy
 
-            shard_policy(self.policy, mesh, activation_checkpointing=self.hparams.activation_checkpointing)
-            if self.reference is not None:
-                shard_policy(self.reference, mesh, activation_checkpointing=False)
+            for model, spec, ckpt in ((self.policy, self.spec, self.hparams.activation_checkpointing),
+                                      (self.reference, self.reference_spec, False)):
+                if model is not None:
+                    dtype = compute_dtype_for(spec.compute_dtype, next(model.parameters()).dtype, mesh.device_type)
+                    shard_policy(model, mesh, activation_checkpointing=ckpt, compute_dtype=dtype,
+                                 replicate=spec.fsdp_replicate)
 
     # the head lives inside the model (not registered here too: a checkpoint holds each weight once)
     @property

@@ -190,3 +190,29 @@ def test_saves_no_full_logits_for_backward():
         with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
             fn(hidden, weight, targets, bias=b, chunk_size=4, with_entropy=True, entropy_grad=True)
         assert (max(saved) >= 15 * 37) is expect_full
+
+
+def test_bf16_weight_runs_a_bf16_matmul_within_bf16_tolerance_of_fp32():
+    # the bf16 head (weight and hidden in bf16, as under FSDP2 mixed precision): bf16 matmul, fp32 log-softmax
+    g = torch.Generator().manual_seed(7)
+    h, v = 64, 300
+    hidden32 = torch.randn(2, 9, h, generator=g)
+    weight32 = torch.randn(v, h, generator=g) * h**-0.5 * 3  # logits of std ~3, as a trained head
+    targets = torch.randint(0, v, (2, 9), generator=g)
+    adv = torch.randn(2, 9, generator=g)
+    hidden16 = hidden32.bfloat16().requires_grad_()
+    weight16 = weight32.bfloat16().requires_grad_()
+    ref_h = hidden16.detach().float().requires_grad_()  # the same (bf16-representable) values, in fp32
+    ref_w = weight16.detach().float().requires_grad_()
+    logp, ent = token_logprobs(hidden16, weight16, targets, chunk_size=5, with_entropy=True)
+    ref_logp, ref_ent = naive_token_logprobs(ref_h, ref_w, targets, with_entropy=True)
+    (logp * adv).sum().backward()
+    (ref_logp * adv).sum().backward()
+    assert logp.dtype == ent.dtype == torch.float32
+    assert weight16.grad.dtype == hidden16.grad.dtype == torch.bfloat16
+    # one bf16 rounding of logits of size ~3 (2^-8 relative): ~1e-2 absolute, never the fp32 1e-5
+    assert (logp - ref_logp).abs().max() < 5e-2
+    assert (ent - ref_ent).abs().max() < 5e-2
+    assert (logp - ref_logp).abs().max() > 0  # it really ran in bf16
+    for got, ref in ((hidden16.grad, ref_h.grad), (weight16.grad, ref_w.grad)):
+        assert ((got.float() - ref).norm() / ref.norm()) < 2e-2
