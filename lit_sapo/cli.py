@@ -44,7 +44,8 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> Lightn
         seed_everything_default=0,
         args=args,
         auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": list(callbacks)} if callbacks else None,
+        # validate/test under FSDP2 + NCCL would run in torch.inference_mode, which FSDP2 unsharding did not support
+        trainer_defaults={"inference_mode": False, **({"callbacks": list(callbacks)} if callbacks else {})},
     )
 
 

@@ -67,3 +67,16 @@ def test_hsdp_replicate_must_divide_the_ranks():
         from lit_sapo.distributed import data_parallel_mesh
 
         data_parallel_mesh(_Mesh(data_parallel=4, tensor_parallel=1), replicate=3)
+
+
+def test_validate_runs_without_inference_mode_by_default(capsys):
+    # FSDP2 unsharding under NCCL did not support torch.inference_mode: the CLI's trainer default is no_grad
+    from pathlib import Path
+
+    from lit_sapo import cli
+
+    tiny = Path(__file__).parent / "data" / "tiny.yaml"
+    with pytest.raises(SystemExit):
+        cli.main(["validate", "--config", str(tiny), "--print_config"])
+    out = capsys.readouterr().out
+    assert "inference_mode: false" in out
