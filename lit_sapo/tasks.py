@@ -40,7 +40,8 @@ class PromptSource:
     """Where prompts come from. Fields left ``None`` take the preset's value when ``name`` is a preset."""
 
     name: str = "gsm8k"
-    """A preset (gsm8k, math500, aime24, aime25, deepmath) or a free label for a custom source."""
+    """A preset (gsm8k, math500, aime24, aime25, deepmath) or a free label for a custom source. gsm8k with
+    ``split: test``, math500 and aime24 read the copies shipped in the package unless ``path`` or ``hub_id`` is set."""
     hub_id: str | None = None
     """HF hub dataset id, passed to ``datasets.load_dataset`` (a local dataset folder works too)."""
     config: str | None = None
@@ -70,12 +71,21 @@ class PromptSource:
     """``datasets`` cache folder; default: the datasets library's own."""
 
     def resolved(self) -> PromptSource:
-        """A copy with preset values and generic defaults filled in."""
+        """A copy with preset values and generic defaults filled in. A shipped benchmark (gsm8k's test split,
+        math500, aime24) with neither ``path`` nor ``hub_id`` set reads the file inside the package."""
+        shipped = self.shipped_file()
+        if shipped is not None:
+            return dataclasses.replace(
+                self, path=str(shipped), hub_id=None, config=None, split=self.split or PRESETS[self.name].split,
+                problem_field=self.problem_field or "problem", answer_field=self.answer_field or "answer",
+                answer_transform=self.answer_transform or "none",
+                instruction=DEFAULT_INSTRUCTION if self.instruction is None else self.instruction)
         preset = PRESETS.get(self.name)
         values = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None and preset is not None:
+            # a local path replaces the preset's hub location (it would be ignored anyway)
+            if value is None and preset is not None and not (self.path and f.name in ("hub_id", "config")):
                 value = getattr(preset, f.name)
             values[f.name] = value
         generic = {"split": "train", "problem_field": "problem", "answer_field": "answer",
@@ -84,6 +94,17 @@ class PromptSource:
             if values[key] is None:
                 values[key] = default
         return PromptSource(**values)
+
+    def shipped_file(self) -> Path | None:
+        """The package's own copy of this source, if it is a shipped benchmark and no other location is set."""
+        if self.path is not None or self.hub_id is not None or self.name not in SHIPPED_SPLITS:
+            return None
+        wanted = SHIPPED_SPLITS[self.name]
+        if wanted is not None and (self.split or PRESETS[self.name].split) != wanted:
+            return None
+        from lit_sapo import benchmarks
+
+        return benchmarks.path(self.name)
 
     def validate(self, check_columns: bool = True) -> None:
         """Cheap checks to run before loading a model. Local data is opened (cached by ``datasets``) so a bad
@@ -112,6 +133,8 @@ class PromptSource:
 
 
 # The hub split names are the datasets' own (MATH-500 and aime25 ship only "test", aime_2024 only "train").
+# gsm8k's test split, math500 and aime24 are read from the package (lit_sapo/benchmarks/data) unless `path` or
+# `hub_id` is set; training splits, deepmath and aime25 come from the hub (or a local `path`).
 PRESETS: dict[str, PromptSource] = {
     "gsm8k": PromptSource("gsm8k", hub_id="openai/gsm8k", config="main", split="train", problem_field="question",
                           answer_field="answer", answer_transform="gsm8k"),
@@ -122,6 +145,8 @@ PRESETS: dict[str, PromptSource] = {
     "deepmath": PromptSource("deepmath", hub_id="zwhe99/DeepMath-103K", split="train", problem_field="question",
                              answer_field="final_answer"),
 }
+# preset -> the split whose rows ship with the package (None: the benchmark has one split, any name reads it)
+SHIPPED_SPLITS = {"gsm8k": "test", "math500": None, "aime24": None}
 
 
 def _load_table(src: PromptSource) -> Any:
@@ -130,9 +155,15 @@ def _load_table(src: PromptSource) -> Any:
 
     if src.path is not None:
         path = Path(src.path).expanduser()
-        if path.is_file():
-            return datasets.load_dataset(_LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train",
-                                         cache_dir=src.cache_dir)
+        if path.is_file():  # a local file loads in well under a second: no "Generating train split" bar
+            bars_on = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()
+            try:
+                return datasets.load_dataset(_LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train",
+                                             cache_dir=src.cache_dir)
+            finally:
+                if bars_on:
+                    datasets.enable_progress_bars()
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             table = datasets.load_from_disk(str(path))
             if isinstance(table, datasets.DatasetDict):
@@ -146,7 +177,7 @@ def _load_table(src: PromptSource) -> Any:
 
 def _resolve_fields(src: PromptSource, columns: Sequence[str]) -> tuple[str, str, str | None]:
     """(problem, answer, id) column names. A configured field that is missing falls back to the normalized
-    ``problem``/``answer`` columns when present, so a preset pointed at a /work/shared/data JSONL just works."""
+    ``problem``/``answer`` columns when present, so a preset pointed at a normalized JSONL just works."""
     chosen = []
     for setting, wanted, normalized in (("problem_field", src.problem_field, "problem"),
                                         ("answer_field", src.answer_field, "answer")):

@@ -1,4 +1,3 @@
-from tests.paths import SHARED_DATA
 import json
 from collections import Counter
 
@@ -17,9 +16,8 @@ from lit_sapo.tasks import (
     render_prompt,
     transform_answer,
 )
+from lit_sapo import benchmarks
 
-DATA = SHARED_DATA
-needs_data = pytest.mark.skipif(not DATA.exists(), reason="needs /work/shared/data")
 
 
 def _write_jsonl(path, rows):
@@ -27,45 +25,59 @@ def _write_jsonl(path, rows):
     return str(path)
 
 
-# ------------------------------------------------------------------------------------------ local shared data
+# ------------------------------------------------------------------------------------ shipped benchmarks
 
 
-@needs_data
-def test_presets_on_normalized_files_autodetect_fields():
-    # The gsm8k preset maps question/answer; the normalized files have problem/answer: auto-detected.
-    train = load_prompts(PromptSource("gsm8k", path=str(DATA / "gsm8k/train.jsonl")))
-    assert len(train) == 7473
-    assert train[0].id == "gsm8k-train-0000" and train[0].answer == "72" and train[0].source == "gsm8k"
-    assert train[0].problem.startswith("Natalia sold clips to 48 of her friends")
-    assert train[0].instruction == DEFAULT_INSTRUCTION
-    test = load_prompts(PromptSource("gsm8k", path=str(DATA / "gsm8k/test.jsonl")))
-    assert len(test) == 1319 and test[0].answer == "18"
-    math500 = load_prompts(PromptSource("math500", path=str(DATA / "math500/test.jsonl")))
-    assert len(math500) == 500
-    assert math500[0].id == "test/precalculus/807.json"
+def test_shipped_benchmarks_load_offline_by_default():
+    test = load_prompts(PromptSource("gsm8k", split="test"))
+    assert len(test) == 1319 and test[0].id == "gsm8k-test-0000" and test[0].answer == "18"
+    assert test[0].problem.startswith("Janet’s ducks lay 16 eggs per day") and test[0].source == "gsm8k"
+    assert test[0].instruction == DEFAULT_INSTRUCTION
+    assert all(e.answer.lstrip("-").isdigit() for e in test)  # "#### 1,234" was cut to "1234" in the file
+    math500 = load_prompts("math500")
+    assert len(math500) == 500 and math500[0].id == "test/precalculus/807.json"
     assert math500[0].answer == r"\left( 3, \frac{\pi}{2} \right)"
-    aime = load_prompts(PromptSource("aime24", path=str(DATA / "aime24/test.jsonl")))
+    aime = load_prompts("aime24")
     assert len(aime) == 30 and aime[0].id == "aime2024-I-1" and aime[0].answer == "204"
+    assert [e.id for e in aime[14:16]] == ["aime2024-I-15", "aime2024-II-1"]
+    for name in benchmarks.names():
+        rows = [json.loads(line) for line in benchmarks.path(name).read_text().splitlines()]
+        assert len(rows) == benchmarks.SIZES[name] and all(set(r) == {"id", "problem", "answer", "source"} for r in rows)
+        assert len({r["id"] for r in rows}) == len(rows)
+    assert "MIT" in (benchmarks.DATA_DIR / "NOTICE.md").read_text()
+    with pytest.raises(ValueError, match="no shipped benchmark 'aime25'"):
+        benchmarks.path("aime25")
 
 
-@needs_data
-def test_gsm8k_original_file_uses_preset_field_map_and_transform():
-    examples = load_prompts(PromptSource("gsm8k", path=str(DATA / "gsm8k/original/test.jsonl")))
-    assert len(examples) == 1319
-    assert examples[0].answer == "18"  # "... #### 18"
+def test_hub_stays_the_source_of_training_splits_and_other_benchmarks(tmp_path):
+    assert PromptSource("gsm8k").resolved().path is None  # the training split: openai/gsm8k on the hub
+    assert PromptSource("gsm8k").resolved().hub_id == "openai/gsm8k"
+    for name in ("aime25", "deepmath"):
+        assert PromptSource(name).resolved().path is None and PromptSource(name).shipped_file() is None
+    # an explicit hub id or path wins over the shipped copy
+    hub = PromptSource("math500", hub_id="HuggingFaceH4/MATH-500").resolved()
+    assert (hub.path, hub.hub_id, hub.split) == (None, "HuggingFaceH4/MATH-500", "test")
+    mine = _write_jsonl(tmp_path / "aime.jsonl", [{"problem": "p", "answer": "7"}])
+    assert [e.answer for e in load_prompts(PromptSource("aime24", path=mine))] == ["7"]
+    shipped = PromptSource("gsm8k", split="test").resolved()
+    assert (shipped.path, shipped.hub_id, shipped.answer_transform) == (
+        str(benchmarks.path("gsm8k")), None, "none")
+    assert shipped.resolved() == shipped  # resolving twice changes nothing
+
+
+def test_gsm8k_original_format_uses_preset_field_map_and_transform(tmp_path):
+    rows = [{"question": "Q0?", "answer": "work <<1+1=2>>\n#### 18"}, {"question": "Q1?", "answer": "so\n#### 1,234"}]
+    examples = load_prompts(PromptSource("gsm8k", path=_write_jsonl(tmp_path / "test.jsonl", rows)))
+    assert [(e.problem, e.answer) for e in examples] == [("Q0?", "18"), ("Q1?", "1234")]
     assert examples[0].id == "gsm8k-test-00000"  # a single file: ids name the file, not the preset split
-    normalized = load_prompts(PromptSource("gsm8k", path=str(DATA / "gsm8k/test.jsonl")))
-    assert [e.answer for e in examples] == [e.answer for e in normalized]
 
 
-@needs_data
 def test_shuffle_and_limit_are_deterministic():
-    src = dict(name="aime24", path=str(DATA / "aime24/test.jsonl"))
-    first5 = [e.id for e in load_prompts(PromptSource(**src, limit=5))]
+    first5 = [e.id for e in load_prompts(PromptSource("aime24", limit=5))]
     assert first5 == [f"aime2024-I-{i}" for i in range(1, 6)]
-    a = [e.id for e in load_prompts(PromptSource(**src, shuffle=True, seed=3, limit=10))]
-    b = [e.id for e in load_prompts(PromptSource(**src, shuffle=True, seed=3, limit=10))]
-    c = [e.id for e in load_prompts(PromptSource(**src, shuffle=True, seed=4, limit=10))]
+    a = [e.id for e in load_prompts(PromptSource("aime24", shuffle=True, seed=3, limit=10))]
+    b = [e.id for e in load_prompts(PromptSource("aime24", shuffle=True, seed=3, limit=10))]
+    c = [e.id for e in load_prompts(PromptSource("aime24", shuffle=True, seed=4, limit=10))]
     assert a == b and a != c and len(set(a)) == 10 and a[:5] != first5
 
 
@@ -169,10 +181,8 @@ def test_presets_and_transforms():
 # ------------------------------------------------------------------------------------------------ mixtures
 
 
-@needs_data
 def test_mixture_deterministic_weighted_and_epoch_shuffled():
-    aime = PromptSource("aime24", path=str(DATA / "aime24/test.jsonl"))
-    math500 = PromptSource("math500", path=str(DATA / "math500/test.jsonl"))
+    aime, math500 = PromptSource("aime24"), PromptSource("math500")
     mix = PromptMixture([aime, math500], [0.3, 0.7], seed=7)
     again = PromptMixture([aime, math500], [3, 7], seed=7)  # weights are normalized
     other = PromptMixture([aime, math500], [0.3, 0.7], seed=8)
@@ -189,9 +199,8 @@ def test_mixture_deterministic_weighted_and_epoch_shuffled():
     assert len(set(aime_ids[:30])) == 30 and len(set(aime_ids[30:60])) == 30 and aime_ids[:30] != aime_ids[30:60]
 
 
-@needs_data
 def test_mixture_with_arithmetic_and_drop():
-    gsm = PromptSource("gsm8k", path=str(DATA / "gsm8k/test.jsonl"))
+    gsm = PromptSource("gsm8k", split="test")
     mix = PromptMixture([gsm, ArithmeticTask(seed=1)], [0.5, 0.5], seed=0, drop=lambda e: len(e.problem) > 200)
     assert 0 < mix.dropped < 1319
     seq = [mix.example(i) for i in range(2000)]

@@ -1,7 +1,7 @@
 """Evaluation throughput of BenchmarkEvaluation (problems/s): HFSampler, and VLLMSampler when it imports.
 
-Setting (the defaults): SmolLM2-135M-Instruct (fp32 on CPU, bf16 on GPU), the first 50 GSM8K test problems from
-/work/shared/data, 1 sample each at temperature 0.7, max_new_tokens 128 (modest, so the CPU run stays short;
+Setting (the defaults): SmolLM2-135M-Instruct (fp32 on CPU, bf16 on GPU), the first 50 GSM8K test problems (the copy
+shipped in lit_sapo/benchmarks), 1 sample each at temperature 0.7, max_new_tokens 128 (modest, so the CPU run stays short;
 most GSM8K answers need more, so accuracy here is not the model's GSM8K score), grading with math-verify in
 2 worker processes. Each sampler gets one untimed warm-up evaluation (4 problems, 8 tokens: grader start-up,
 data loading, kernels), then one timed evaluation of the 50 problems through `BenchmarkEvaluation.evaluate`:
@@ -14,7 +14,6 @@ binds this process's OpenMP threads. Prints one JSON object to stdout (vLLM's lo
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import json
 import os
 import sys
@@ -24,11 +23,6 @@ from types import SimpleNamespace
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the JSON
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.paths
-from tests.paths import GSM8K_TEST  # noqa: E402
-
-GSM8K = str(GSM8K_TEST)
 
 
 class _Timed:
@@ -60,7 +54,7 @@ def run(sampler, module, args, out_dir: str) -> dict:
     trainer = SimpleNamespace(datamodule=dm, is_global_zero=True, loggers=[], log_dir=out_dir,
                               default_root_dir=out_dir, global_step=0)
     try:
-        common = dict(n_samples=args.samples, temperature=0.7, paths={"gsm8k": GSM8K}, batch_size=64)
+        common = dict(n_samples=args.samples, temperature=0.7, batch_size=64)
         BenchmarkEvaluation(limit=4, max_new_tokens=8, **common).evaluate(trainer, module)  # warm-up
         timed.seconds, timed.tokens = 0.0, 0
         evaluation = BenchmarkEvaluation(limit=args.problems, max_new_tokens=args.max_new_tokens, **common)

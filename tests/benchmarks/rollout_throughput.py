@@ -16,25 +16,18 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # keep stdout for the JSON
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TARGET = {"cpu_speedup_min": 1.3}
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.paths
-from tests.paths import GSM8K_TEST  # noqa: E402
-
-GSM8K = GSM8K_TEST
-FALLBACK = [f"What is {a} + {b}? Explain step by step." for a, b in [(3, 4), (12, 9), (25, 17), (8, 8),
-                                                                     (41, 2), (7, 36), (19, 23), (5, 60)]]
 
 
 def _questions(n: int) -> list[str]:
-    if GSM8K.is_file():
-        with GSM8K.open() as f:
-            return [json.loads(line)["problem"] for _, line in zip(range(n), f)]
-    return FALLBACK[:n]
+    from lit_sapo import benchmarks  # the GSM8K test copy shipped with the package
+
+    with benchmarks.path("gsm8k").open() as f:
+        return [json.loads(line)["problem"] for _, line in zip(range(n), f)]
 
 
 def _prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
