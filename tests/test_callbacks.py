@@ -3,7 +3,6 @@ and BenchmarkEvaluation with SmolLM2 (slow)."""
 
 from __future__ import annotations
 
-from tests.paths import GSM8K_TEST
 import csv
 import json
 import math
@@ -21,7 +20,6 @@ from lit_sapo.module import UpdateRecord
 from lit_sapo.objective import GateTerms
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = str(GSM8K_TEST)
 PAD = 99.0  # junk at padded positions: any leak into a statistic shows
 
 
@@ -139,7 +137,7 @@ trainer:
     - class_path: lit_sapo.callbacks.RolloutSamples
       init_args: {{every_n_steps: 1, num_samples: 2}}
     - class_path: lit_sapo.callbacks.BenchmarkEvaluation
-      init_args: {{every_n_steps: 1, n_samples: 2, max_new_tokens: 8, limit: 3, paths: {{gsm8k: {gsm8k}}}}}
+      init_args: {{every_n_steps: 1, n_samples: 2, max_new_tokens: 8, limit: 3}}
     - class_path: tests.user_metrics.HighRatioFraction
       init_args: {{threshold: 1.0}}
     - class_path: tests.user_metrics.KeepOutputs
@@ -174,7 +172,7 @@ def test_callbacks_from_yaml_with_a_user_metric(tmp_path, monkeypatch):
 
     monkeypatch.syspath_prepend(str(REPO))  # jsonargparse imports class paths from the config file's folder
     config = tmp_path / "fit.yaml"
-    config.write_text(TINY_YAML.format(root=tmp_path, gsm8k=GSM8K))
+    config.write_text(TINY_YAML.format(root=tmp_path))
     cli = main(["fit", "--config", str(config)])
     log_dir = Path(cli.trainer.log_dir)
     rows = list(csv.DictReader((log_dir / "metrics.csv").read_text().splitlines()))
@@ -218,10 +216,10 @@ def test_benchmark_evaluation_smollm2_regrades(tmp_path, monkeypatch):
     from lit_sapo.rewards import MathAccuracy, extract_answer
 
     monkeypatch.syspath_prepend(str(REPO))
-    yaml = TINY_YAML.format(root=tmp_path, gsm8k=GSM8K).replace("tiny-random-llama", "smollm2-135m-instruct")
+    yaml = TINY_YAML.format(root=tmp_path).replace("tiny-random-llama", "smollm2-135m-instruct")
     yaml = yaml.replace("max_steps: 4", "max_steps: 1").replace("num_minibatches: 2", "num_minibatches: 1")
-    yaml = yaml.replace("init_args: {every_n_steps: 1, n_samples: 2, max_new_tokens: 8, limit: 3,",
-                        "init_args: {every_n_steps: 0, n_samples: 2, max_new_tokens: 64, limit: 5,")
+    yaml = yaml.replace("init_args: {every_n_steps: 1, n_samples: 2, max_new_tokens: 8, limit: 3}",
+                        "init_args: {every_n_steps: 0, n_samples: 2, max_new_tokens: 64, limit: 5}")
     yaml = yaml.replace("rewards: {tests.user_metrics.CharCountReward: 1.0}", "rewards: {accuracy: 1.0}")
     config = tmp_path / "fit.yaml"
     config.write_text(yaml)

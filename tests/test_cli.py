@@ -1,6 +1,5 @@
 """The `lit-sapo` CLI: every YAML recipe parses, bad settings fail in one line before any model is loaded."""
 
-from tests.paths import SHARED_DATA
 import json
 import subprocess
 import sys
@@ -9,14 +8,13 @@ from pathlib import Path
 import pytest
 
 from lit_sapo import cli
-from lit_sapo import models
+from lit_sapo import benchmarks, models
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 OVERLAYS = [p for p in CONFIGS if p.parent.name == "gates"]
 BASES = [p for p in CONFIGS if p not in OVERLAYS]
 TINY = ROOT / "tests" / "data" / "tiny.yaml"
-DATA = SHARED_DATA
 
 
 def print_config(*args: str, capsys) -> str:
@@ -88,7 +86,7 @@ def test_empty_dataset(tmp_path, capsys, monkeypatch):
 
 def test_local_preset_source_is_accepted(capsys):
     out = print_config("--config", str(TINY), "--data.sources",
-                       json.dumps([{"name": "gsm8k", "path": str(DATA / "gsm8k" / "train.jsonl")}]), capsys=capsys)
+                       json.dumps([{"name": "gsm8k", "path": str(benchmarks.path("gsm8k"))}]), capsys=capsys)
     assert "gsm8k" in out
 
 
@@ -98,7 +96,7 @@ def test_console_script_runs():
 
 
 def test_validate_scores_held_out_prompts(tmp_path):
-    source = json.dumps([{"name": "gsm8k", "path": str(DATA / "gsm8k" / "test.jsonl"), "limit": 3}])
+    source = json.dumps([{"name": "gsm8k", "split": "test", "limit": 3}])  # the shipped copy, offline
     result = cli.main(["validate", "--config", str(TINY), "--trainer.default_root_dir", str(tmp_path),
                        "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.val_sources", source,
                        "--data.val_batch_size", "2"])
