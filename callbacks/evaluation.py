@@ -38,21 +38,109 @@ def majority_answer(answers: list[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
-def summarize(rows: list[dict], *, sync: bool = True, device=None) -> dict[str, float]:
-    """pass@1, avg@k and maj@k of graded rows (this rank's share; summed over ranks as counts, not fractions)."""
-    k = max((len(r["correct"]) for r in rows), default=0)
-    counts = torch.tensor([sum(sum(r["correct"]) for r in rows), sum(len(r["correct"]) for r in rows),
-                           sum(sum(r["correct"]) / len(r["correct"]) for r in rows),
-                           sum(float(r["majority_correct"]) for r in rows), len(rows), k], dtype=torch.float64)
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    The probability that k of the n samples, drawn without replacement, contain a correct one. Exact integer
+    binomials, one correctly rounded division.
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k: need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k of the pass@k columns for n samples: 1, 2, 4, ... below n, and n itself."""
+    ks = [1 << i for i in range(max(n, 1).bit_length()) if (1 << i) < n]
+    return sorted(set(ks + [max(n, 1)]))
+
+
+def _num_correct(row: dict) -> int:
+    return int(round(sum(row["correct"])))
+
+
+def summarize(rows: list[dict], *, n_samples: int | None = None, sync: bool = True, device=None) -> dict[str, float]:
+    """pass@1, pass@k (k in :func:`pass_ks`), avg@n and maj@n of graded rows; n = `n_samples` (default: the
+    longest row). Sums over this rank's rows are all-reduced as counts, not fractions: every rank must pass
+    the same `n_samples` (a rank without rows still contributes zeros)."""
+    local_n = max((len(r["correct"]) for r in rows), default=0)
+    if n_samples is None:  # without it the ranks agree on n first
+        n_samples = int(all_reduce(torch.tensor([local_n], dtype=torch.float64), "max", device=device)[0]) \
+            if sync else local_n
+    ks = [k for k in pass_ks(n_samples) if k > 1]
+    sums = [sum(sum(r["correct"]) for r in rows), sum(len(r["correct"]) for r in rows),
+            sum(sum(r["correct"]) / len(r["correct"]) for r in rows),
+            sum(float(r["majority_correct"]) for r in rows), len(rows)]
+    sums += [sum(pass_at_k(len(r["correct"]), _num_correct(r), min(k, len(r["correct"]))) for r in rows) for k in ks]
+    counts = torch.tensor(sums, dtype=torch.float64)
     if sync:
-        k_all = all_reduce(counts[5:], "max", device=device)
-        counts = torch.cat([all_reduce(counts[:5], device=device), k_all])
-    correct, samples, per_problem, majority, problems, k = (float(c) for c in counts)
-    k = int(k)
+        counts = all_reduce(counts, device=device)
+    correct, samples, per_problem, majority, problems, *pass_sums = (float(c) for c in counts)
     if problems == 0:
         return {}
-    return {"pass@1": correct / samples, f"avg@{k}": per_problem / problems, f"maj@{k}": majority / problems,
-            "problems": problems}
+    out = {"pass@1": correct / samples}
+    out.update({f"pass@{k}": total / problems for k, total in zip(ks, pass_sums)})
+    out.update({f"avg@{n_samples}": per_problem / problems, f"maj@{n_samples}": majority / problems,
+                "problems": problems})
+    return out
+
+
+def generate_and_grade(examples: list, indices: list[int], sampler, tokenizer, prompt_ids, grader, *,
+                       n_samples: int, temperature: float | None, max_new_tokens: int | None, batch_size: int,
+                       seed: int, rank: int = 0) -> list[dict]:
+    """Sample `n_samples` completions for `examples[i]`, i in `indices` (-1 = padding: generated, not kept), and
+    grade them: one row per problem, the rows of the per-problem JSONL. Shared by BenchmarkEvaluation and
+    `lit-sapo eval`, so their files agree by construction.
+
+    `prompt_ids(example) -> list[int]` renders a prompt; `grader.grade(texts, golds).values` scores texts.
+    Each row: index, id, problem, gold, completions, extracted answers, per-sample correctness, majority answer
+    (most frequent extracted string) and its correctness (graded as `\\boxed{majority}`).
+    """
+    k, texts = n_samples, []
+    for b, start in enumerate(range(0, len(indices), batch_size)):
+        chunk = [examples[max(i, 0)] for i in indices[start:start + batch_size]]
+        gen = sampler.generate([prompt_ids(ex) for ex in chunk], k, seed=seed + 100_003 * b + rank,
+                               temperature=temperature, max_new_tokens=max_new_tokens)
+        texts += tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
+    rows, to_grade, golds = [], [], []
+    for j, i in enumerate(indices):
+        if i < 0:
+            continue
+        ex, completions = examples[i], texts[j * k:(j + 1) * k]
+        extracted = [extract_answer(c) for c in completions]
+        majority = majority_answer(extracted)
+        rows.append({"index": i, "id": ex.id, "problem": ex.problem, "gold": ex.answer,
+                     "completions": completions, "extracted": extracted, "majority": majority})
+        # grade the k completions and the majority answer (as a box) in one batch
+        to_grade += completions + [f"\\boxed{{{majority}}}" if majority is not None else ""]
+        golds += [ex.answer] * (k + 1)
+    values = grader.grade(to_grade, golds).values if to_grade else []
+    for n, row in enumerate(rows):
+        graded = values[n * (k + 1):(n + 1) * (k + 1)]
+        row["correct"] = [float(v) for v in graded[:k]]
+        row["majority_correct"] = float(graded[k]) if row["majority"] is not None else 0.0
+    return rows
+
+
+def write_rows(path: str | Path, rows: list[dict], step: int | None = None) -> Path:
+    """The per-problem JSONL: one row of :func:`generate_and_grade` a line, in index order, tagged with `step`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in sorted(rows, key=lambda r: r["index"]):
+            f.write(json.dumps({"step": step, **row}) + "\n")
+    return path
+
+
+def benchmark_source(name: str, paths: dict[str, str] | None = None) -> PromptSource:
+    """The evaluation source of a benchmark name: a preset's test split (shipped copy for gsm8k, math500,
+    aime24), or the local file `paths[name]`."""
+    paths = paths or {}
+    if name not in PRESETS and name not in paths:
+        raise ValueError(f"{name!r} is not a benchmark preset ({', '.join(PRESETS)}); give its file as a path")
+    return PromptSource(name=name, path=paths.get(name), split=EVAL_SPLITS.get(name))
 
 
 class BenchmarkEvaluation(Callback):
@@ -66,6 +154,8 @@ class BenchmarkEvaluation(Callback):
       estimate from n_samples draws).
     - `eval/<name>/avg@k` (k = n_samples): mean over problems of each problem's accuracy over its k samples. Every
       problem has k samples, so it equals pass@1; both names are logged because papers quote both.
+    - `eval/<name>/pass@j` for j = 2, 4, ... below k, and k: the unbiased estimate (Chen et al. 2021) of the
+      chance that j samples hold a correct one, averaged over problems (:func:`pass_at_k`).
     - `eval/<name>/maj@k`: fraction of problems whose majority answer (most frequent `extract_answer` string
       among the k samples; no answer never votes; ties go to the first seen) is graded correct as `\\boxed{ans}`.
     - `eval/<name>/time_s`: wall seconds of that benchmark's evaluation (generation, grading, gathering).
@@ -104,10 +194,11 @@ class BenchmarkEvaluation(Callback):
         self.paths = dict(paths or {})
         self.sources: list[PromptSource] = []
         for name in benchmarks:
-            if name not in PRESETS and name not in self.paths:
-                raise ValueError(f"BenchmarkEvaluation: {name!r} is not a preset ({', '.join(PRESETS)}); "
-                                 "give its file in `paths` or a full entry in `sources`")
-            self.sources.append(PromptSource(name=name, path=self.paths.get(name), split=EVAL_SPLITS.get(name)))
+            try:
+                self.sources.append(benchmark_source(name, self.paths))
+            except ValueError as err:
+                raise ValueError(f"BenchmarkEvaluation.benchmarks: {err} in `paths`, or a full entry in `sources`") \
+                    from None
         self.sources += list(sources or [])
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
@@ -155,7 +246,7 @@ class BenchmarkEvaluation(Callback):
         for source in self.sources:
             t0 = time.perf_counter()
             rows = self._run(dm, source)
-            scores = summarize(rows, device=pl_module.device)
+            scores = summarize(rows, n_samples=self.n_samples, device=pl_module.device)
             metrics.update({f"eval/{source.name}/{key}": value for key, value in scores.items() if key != "problems"})
             metrics[f"eval/{source.name}/time_s"] = time.perf_counter() - t0
             everyone = gather_objects(rows)  # all ranks call; rank 0 writes
@@ -189,36 +280,11 @@ class BenchmarkEvaluation(Callback):
         """Generate and grade this rank's shard of `source`; one row per problem (padding dropped)."""
         examples = self._load(source)
         rank, world_size = world()
-        indices = shard(len(examples), rank, world_size)
-        k, tok = self.n_samples, dm.tokenizer
-        texts = []
-        for b, start in enumerate(range(0, len(indices), self.batch_size)):
-            chunk = [examples[max(i, 0)] for i in indices[start:start + self.batch_size]]
-            prompt_ids = [dm.prompt_token_ids(ex)[-dm.max_prompt_length:] for ex in chunk]  # training's rendering
-            gen = dm.sampler.generate(prompt_ids, k, seed=self.seed + 100_003 * b + rank,
-                                      temperature=self.temperature, max_new_tokens=self.max_new_tokens)
-            texts += tok.batch_decode(gen.completion_ids, skip_special_tokens=True)
-        rows, to_grade, golds = [], [], []
-        for j, i in enumerate(indices):
-            if i < 0:
-                continue
-            ex, completions = examples[i], texts[j * k:(j + 1) * k]
-            extracted = [extract_answer(c) for c in completions]
-            majority = majority_answer(extracted)
-            rows.append({"index": i, "id": ex.id, "problem": ex.problem, "gold": ex.answer,
-                         "completions": completions, "extracted": extracted, "majority": majority})
-            # grade the k completions and the majority answer (as a box) in one batch
-            to_grade += completions + [f"\\boxed{{{majority}}}" if majority is not None else ""]
-            golds += [ex.answer] * (k + 1)
-        values = self._grader(dm).grade(to_grade, golds).values if to_grade else []
-        for n, row in enumerate(rows):
-            graded = values[n * (k + 1):(n + 1) * (k + 1)]
-            row["correct"] = [float(v) for v in graded[:k]]
-            row["majority_correct"] = float(graded[k]) if row["majority"] is not None else 0.0
-        return rows
+        return generate_and_grade(
+            examples, shard(len(examples), rank, world_size), dm.sampler, dm.tokenizer,
+            lambda ex: dm.prompt_token_ids(ex)[-dm.max_prompt_length:],  # training's rendering
+            self._grader(dm), n_samples=self.n_samples, temperature=self.temperature,
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed, rank=rank)
 
     def _write(self, name: str, version: int, rows: list[dict]) -> None:
-        self._out.mkdir(parents=True, exist_ok=True)
-        with open(self._out / f"{name}_step{version}.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps({"step": version, **row}) + "\n")
+        write_rows(self._out / f"{name}_step{version}.jsonl", rows, step=version)

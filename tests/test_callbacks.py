@@ -100,7 +100,9 @@ def test_eval_scores_hand_values():
     assert majority_answer(["3", None, "4", "4", "3"]) == "3"  # tie: first seen
     assert majority_answer([None, None]) is None
     rows = [{"correct": [1.0, 0.0, 0.0], "majority_correct": 0.0}, {"correct": [1.0, 1.0, 0.0], "majority_correct": 1.0}]
-    assert summarize(rows, sync=False) == {"pass@1": 0.5, "avg@3": 0.5, "maj@3": 0.5, "problems": 2.0}
+    # pass@2: 1 - C(2,2)/C(3,2) = 2/3 for one correct of 3, 1 for two correct; pass@3: any correct
+    assert summarize(rows, sync=False) == pytest.approx(
+        {"pass@1": 0.5, "pass@2": 5 / 6, "pass@3": 1.0, "avg@3": 0.5, "maj@3": 0.5, "problems": 2.0})
 
 
 def test_two_ranks_equal_one_rank(tmp_path):
