@@ -200,3 +200,17 @@ def test_export_from_the_sharded_checkpoint_of_the_resumed_run(fits, tmp_path):
     for root in (straight, resumed):
         assert torch.allclose(logp, torch.tensor(json.loads((root / "probe.json").read_text())["logprobs"]),
                               atol=1e-5, rtol=0)
+
+
+# ---- HSDP: a 2 x 2 (replicate, shard) mesh on 4 processes ------------------------------------------------------
+
+def test_hsdp_2x2_gradients_equal_one_process(tmp_path):
+    script = str(SCRIPTS / "dist_hsdp_parity.py")
+    _run([sys.executable, script, str(tmp_path)], tmp_path / "world1.log")
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={_free_port()}",
+          script, str(tmp_path)], tmp_path / "world4.log")
+    one, four = torch.load(tmp_path / "world1.pt"), torch.load(tmp_path / "world4.pt")
+    assert four["mesh"] == [2, 2] and four["placements"] == ["R", "S(0)"]  # replicated over dim 0, sharded over 1
+    assert max(g.abs().max().item() for g in one["grads"].values()) > 1e-2, "degenerate test: zero gradients"
+    worst = max((one["grads"][k] - four["grads"][k]).abs().max().item() for k in one["grads"])
+    assert worst < 1e-5, f"HSDP gradients differ from one process by {worst}"
