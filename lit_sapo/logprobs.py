@@ -122,7 +122,12 @@ class _ChunkedLogProbs(torch.autograd.Function):
         buf = rows.new_empty((c, weight.shape[0]), dtype=torch.float32)
         buf2 = torch.empty_like(buf) if g2 is not None else None
         grad_h = torch.empty_like(rows) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=rows.device) if need_w else None
+        low = w.dtype in _LOW_PRECISION
+        single = n <= c
+        # weight grad: fp32 accumulator over chunks; one chunk of a bf16 weight needs none (the matmul accumulates
+        # in fp32 and its bf16 result is the grad): no [V, H] fp32 buffer, no copy at the end
+        grad_w = None if not need_w or (low and single) else torch.zeros(weight.shape, dtype=torch.float32,
+                                                                          device=rows.device)
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=rows.device) if need_b else None
         for s in range(0, n, c):
             e_ = min(s + c, n)
@@ -143,10 +148,12 @@ class _ChunkedLogProbs(torch.autograd.Function):
             if need_h:
                 grad_h[s:e_] = _mm_fp32(dz.to(w.dtype), w)
             if need_w:
-                if w.dtype in _LOW_PRECISION:
-                    grad_w.add_(_mm_fp32(dz.t().to(w.dtype), h))
-                else:
+                if not low:
                     grad_w.addmm_(dz.t(), h)
+                elif single:
+                    grad_w = torch.mm(dz.t().to(w.dtype), h)
+                else:
+                    grad_w.add_(torch.mm(dz.t().to(w.dtype), h))  # a bf16 [V, H] temporary, summed in fp32
             if need_b:
                 grad_b.add_(dz.sum(dim=0))
         return (

@@ -11,6 +11,8 @@ repetitions after one warm-up. Prints one JSON object to stdout.
 
     python tests/benchmarks/logprobs_memory.py            # full size (naive path needs ~16 GB)
     python tests/benchmarks/logprobs_memory.py --quick    # 8 x 128 tokens, seconds
+    python tests/benchmarks/logprobs_memory.py --head-7b  # Qwen2.5-7B's head (152064 x 3584), 256 tokens:
+                                                          # the chunked path with fp32 vs bf16 weights
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ def run_one(args: argparse.Namespace) -> dict:
     fn = token_logprobs if args.path == "chunked" else naive_token_logprobs
     b, t = args.batch, args.seq
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(b, t, args.hidden, generator=g).requires_grad_()
-    weight = (torch.randn(args.vocab, args.hidden, generator=g) * args.hidden**-0.5).requires_grad_()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    # drawn in their own dtype: an fp32 draw cast to bf16 would raise the baseline peak above the work's
+    hidden = torch.empty(b, t, args.hidden, dtype=dtype).normal_(generator=g).requires_grad_()
+    weight = torch.empty(args.vocab, args.hidden, dtype=dtype).normal_(0, args.hidden**-0.5, generator=g)
+    weight.requires_grad_()
     targets = torch.randint(0, args.vocab, (b, t), generator=g)
     adv = torch.randn(b, t, generator=g)
     # The grads are inputs-sized and the same for both paths: allocate them before the baseline.
@@ -78,7 +83,7 @@ def run_one(args: argparse.Namespace) -> dict:
 def _child(path: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--path", path, "--vocab", str(args.vocab),
            "--batch", str(args.batch), "--seq", str(args.seq), "--hidden", str(args.hidden),
-           "--chunk-size", str(args.chunk_size), "--reps", str(args.reps)]
+           "--chunk-size", str(args.chunk_size), "--reps", str(args.reps), "--dtype", args.dtype]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{path} path failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -94,8 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=256, help="hidden size")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk of the chunked path")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions after a warm-up (default 2, 3 quick)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight and hidden dtype")
+    p.add_argument("--head-7b", action="store_true",
+                   help="Qwen2.5-7B's head shape, 1 x 256 tokens: chunked path, fp32 vs bf16 weights (no naive run)")
     p.add_argument("--path", choices=["naive", "chunked"], help=argparse.SUPPRESS)  # internal: child process
     args = p.parse_args(argv)
+    if args.head_7b and not args.path:
+        args.vocab, args.hidden, args.batch, args.seq = 152_064, 3584, 1, args.seq or 256
+        args.reps = args.reps or 1
+        runs = {}
+        for dtype in ("fp32", "bf16"):
+            args.dtype = dtype
+            runs[dtype] = _child("chunked", args)
+        weight_bytes = args.vocab * args.hidden * 4
+        print(json.dumps({"vocab": args.vocab, "hidden": args.hidden, "tokens": args.batch * args.seq,
+                          "chunk_size": args.chunk_size, "device": "cpu", "torch_threads": _threads(),
+                          "fp32_weight_bytes": weight_bytes, **runs,
+                          "bf16_over_fp32_peak": round(runs["bf16"]["peak_bytes"] / runs["fp32"]["peak_bytes"], 4)}))
+        return 0
     args.seq = args.seq or (128 if args.quick else 1024)
     args.reps = args.reps or (3 if args.quick else 2)
 
