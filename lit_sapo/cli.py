@@ -28,12 +28,24 @@ class SAPOCLI(LightningCLI):
             print(f"lit-sapo: error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
 
+    def before_fit(self) -> None:
+        # settings that need the trainer and the datamodule together (minibatch split, lr schedule length):
+        # checked here too, so they stop the run with one line before any model is loaded
+        try:
+            self.model.bind_run(self.trainer, self.datamodule)
+        except ValueError as err:
+            print(f"lit-sapo: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
 
 def main(args: list[str] | None = None, callbacks: list | None = None) -> LightningCLI:
     """Run the CLI; `callbacks` (Python objects) are added to those of the config, e.g. by benchmarks."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # without data.val_sources there is deliberately no validation data; Lightning would warn on every fit
     warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+    # ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state AFTER the
+    # optimizer steps of the batch: for a rollout step that is the state to resume from, so the advice does not apply
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
     # `${model.model.name}` in a config means the same key of the merged config, under any subcommand
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return SAPOCLI(

@@ -6,26 +6,24 @@ One `training_step` = one rollout = `ppo_epochs` x `num_minibatches` optimizer s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch import LightningModule
-from torchmetrics import MaxMetric, MeanMetric, MinMetric
+from torchmetrics import MeanMetric
 
 from lit_sapo.correction import CORRECTION_MODES, rollout_correction_weights
-from lit_sapo.gates import get_gate
+from lit_sapo.callbacks._dist import gather_cat
 from lit_sapo.models import ModelSpec, check_model_spec, check_trainable_dtype, load_policy, load_tokenizer, resolve_source
-from lit_sapo.objective import AGGREGATIONS, GateTerms, policy_loss
+from lit_sapo.objective import GateTerms, LossSettings, policy_loss
 from lit_sapo.rollout import RolloutBatch
 from lit_sapo.scoring import completion_logprobs, install_scoring_head
+from lit_sapo.stats import empty, merge, merge_all, ratio_moments, summarize
 
 SCHEDULES = ("constant", "linear", "cosine")
-
-# ModelCheckpoint(every_n_train_steps) under manual optimization warns that it saves the state AFTER the
-# optimizer steps of the batch: for a rollout step that is the state to resume from, so the advice does not apply.
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 @dataclass
@@ -71,8 +69,8 @@ class StepOutput:
     updates: list[UpdateRecord] = field(default_factory=list)
 
 
-_STAT_KEYS = ("loss", "pg_loss", "kl", "eur", "gated_frac", "clip_frac", "gate_mean", "ratio_mean",
-              "ratio_sq", "log_ratio_mean", "log_ratio_sq", "entropy")
+# token-weighted over all valid tokens; the ratio statistics are pooled as lit_sapo.stats moments instead
+_STAT_KEYS = ("loss", "pg_loss", "kl", "entropy")
 
 
 class SAPOModule(LightningModule):
@@ -87,7 +85,8 @@ class SAPOModule(LightningModule):
         eps_high: upper clip range of the clip gate (> eps_low: DAPO clip-higher).
         level: token or sequence (GSPO-style) importance ratio.
         aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm.
-        norm_length: the constant divisor of seq-mean-token-sum-norm (Dr.GRPO); default max_new_tokens.
+        norm_length: the constant divisor of seq-mean-token-sum-norm (Dr.GRPO); default: the sampler's
+            max_new_tokens, bound at setup (`bind_rollout`).
         max_log_ratio: clamp of log r before exp.
         kl_coef: weight of the KL penalty to a frozen reference (0 = no reference model is loaded).
         kl_estimator: k1, k2 or k3.
@@ -121,19 +120,13 @@ class SAPOModule(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.spec = model or ModelSpec()
-        try:
-            self.gate = get_gate(gate, eps_low=eps_low, eps_high=eps_high)
+        try:  # the loss settings are validated in one place: LossSettings
+            self.loss_settings = LossSettings(gate=gate, tau_pos=tau_pos, tau_neg=tau_neg, eps_low=eps_low,
+                                              eps_high=eps_high, level=level, aggregation=aggregation,
+                                              norm_length=norm_length, max_log_ratio=max_log_ratio,
+                                              kl_coef=kl_coef, kl_estimator=kl_estimator)
         except ValueError as err:
             raise ValueError(f"model.{err}") from None
-        for name, value in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
-            if not value > 0:
-                raise ValueError(f"model.{name}: gate temperature must be > 0, got {value}")
-        if level not in ("token", "sequence"):
-            raise ValueError(f"model.level: use token or sequence, got {level!r}")
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"model.aggregation: unknown {aggregation!r}; use one of {list(AGGREGATIONS)}")
-        if kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"model.kl_estimator: use k1, k2 or k3, got {kl_estimator!r}")
         if rollout_correction not in CORRECTION_MODES:
             raise ValueError(f"model.rollout_correction: unknown {rollout_correction!r}; use one of {list(CORRECTION_MODES)}")
         if ppo_epochs < 1 or num_minibatches < 1:
@@ -154,14 +147,43 @@ class SAPOModule(LightningModule):
         self.reference = None
         self.tokenizer = None
         self.stats = torch.nn.ModuleDict({k: MeanMetric() for k in _STAT_KEYS})
-        self.stats_pos = torch.nn.ModuleDict({k: MeanMetric() for k in ("eur", "ratio_mean")})
-        self.stats_neg = torch.nn.ModuleDict({k: MeanMetric() for k in ("eur", "ratio_mean")})
-        self.ratio_min, self.ratio_max = MinMetric(), MaxMetric()
+        self._ratio_moments = empty(3)  # this rank's tokens of the rollout step: all (A != 0), A > 0, A < 0
         self.last_output: StepOutput | None = None
 
     @property
     def model_source(self) -> str:
         return resolve_source(self.spec)[0]
+
+    # ---- binding to the run -------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Lightning calls this after the datamodule's setup and before configure_model: no model is loaded yet
+        if stage == "fit":
+            self.bind_run(self.trainer, self.trainer.datamodule)
+
+    def bind_run(self, trainer, datamodule) -> None:
+        """Check the settings that need the trainer and the datamodule, and bind the sampler's max_new_tokens.
+
+        The datamodule must expose `prompts_per_step`, `num_generations` and `sampler.max_new_tokens` (as
+        RolloutDataModule does); raises a one-line ValueError naming the setting otherwise or when they clash.
+        """
+        hp, o = self.hparams, self.optim
+        if o.schedule != "constant" and not (trainer is not None and trainer.max_steps > 0):
+            raise ValueError(f"model.optimizer.schedule: {o.schedule} decays over trainer.max_steps, which is not "
+                             f"set; set trainer.max_steps or use schedule: constant")
+        groups = getattr(datamodule, "prompts_per_step", None)
+        group_size = getattr(datamodule, "num_generations", None)
+        if groups is not None and group_size is not None:
+            units, what = (groups, "data.prompts_per_step groups") if hp.padding_free else \
+                (groups * group_size, "rows (data.prompts_per_step x data.num_generations)")
+            if units % hp.num_minibatches:
+                raise ValueError(f"model.num_minibatches: {hp.num_minibatches} does not divide the {units} {what} "
+                                 f"of a rollout evenly; choose a divisor of {units}")
+        if self.loss_settings.aggregation == "seq-mean-token-sum-norm" and self.loss_settings.norm_length is None:
+            max_new_tokens = getattr(getattr(datamodule, "sampler", None), "max_new_tokens", None)
+            if not max_new_tokens:
+                raise ValueError("model.norm_length: seq-mean-token-sum-norm needs a constant; set model.norm_length "
+                                 "(the datamodule has no sampler.max_new_tokens to default to)")
+            self.loss_settings = dataclasses.replace(self.loss_settings, norm_length=int(max_new_tokens))
 
     # ---- models -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -273,10 +295,7 @@ class SAPOModule(LightningModule):
             logp, entropy = self.score(batch, micro, with_entropy=hp.compute_entropy)
             loss, stats, terms = policy_loss(
                 logp, logp.detach() if old_logp is None else old_logp[micro], batch.advantages[micro], mask[micro],
-                gate=self.gate, tau_pos=hp.tau_pos, tau_neg=hp.tau_neg, level=hp.level,
-                aggregation=hp.aggregation, norm_length=hp.norm_length or self._max_new_tokens(),
-                max_log_ratio=hp.max_log_ratio, ref_logp=None if ref_logp is None else ref_logp[micro],
-                kl_coef=hp.kl_coef, kl_estimator=hp.kl_estimator,
+                self.loss_settings, ref_logp=None if ref_logp is None else ref_logp[micro],
                 is_weights=None if is_weights is None else is_weights[micro], return_terms=True)
             # each micro-batch's mean is re-weighted so the sum is the minibatch mean of the aggregation
             share = self._normalizer(mask[micro]) / denominator if denominator > 0 else 0.0
@@ -291,10 +310,6 @@ class SAPOModule(LightningModule):
         if self.hparams.aggregation == "token-mean":
             return float(mask.sum())
         return float((mask.sum(1) > 0).sum())
-
-    def _max_new_tokens(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        return int(getattr(getattr(dm, "sampler", None), "max_new_tokens", 0) or 1)
 
     def _clip_and_step(self, opt, sched) -> float:
         # max_norm inf: no clipping, but the global norm is still measured (and logged)
@@ -317,45 +332,48 @@ class SAPOModule(LightningModule):
 
     # ---- metrics ------------------------------------------------------------------------------------------
     def _accumulate(self, stats: dict, terms: GateTerms, entropy: torch.Tensor | None) -> None:
-        # policy_loss already reduced the micro-batch (token-weighted); pool those means with their token counts
+        # ratio statistics: float64 moments of this micro-batch's tokens, Chan-merged into the rollout's
+        moments = ratio_moments(terms.log_ratio, terms.advantages, terms.mask, terms.gate_grad, terms.gate_value)
+        self._ratio_moments = merge(self._ratio_moments.to(moments.device), moments)
+        # loss, kl, entropy: policy_loss's token-weighted means over all valid tokens, pooled by token count
         tokens = stats["tokens"]
         if tokens == 0:
             return
+        values = {key: stats[key] for key in ("loss", "pg_loss", "kl")}
         mask = terms.mask.float()
-        log_ratio_mean = (terms.log_ratio * mask).sum() / tokens
-        values = {key: stats[key] for key in ("loss", "pg_loss", "kl", "eur", "gated_frac", "clip_frac", "gate_mean",
-                                               "ratio_mean")}
-        # second moments, so the rollout's variance is pooled exactly: E[x^2] = var + mean^2
-        values["ratio_sq"] = stats["ratio_var"] + stats["ratio_mean"] ** 2
-        values["log_ratio_mean"] = log_ratio_mean
-        values["log_ratio_sq"] = stats["log_ratio_var"] + log_ratio_mean ** 2
         values["entropy"] = (entropy * mask).sum() / tokens if entropy is not None else torch.zeros(())
         for key, value in values.items():
             self.stats[key].update(value.detach().float(), tokens)
-        for sign, metrics in (("pos", self.stats_pos), ("neg", self.stats_neg)):
-            count = stats[f"tokens_{sign}"]
-            if count > 0:
-                in_sign = mask * ((terms.advantages > 0) if sign == "pos" else (terms.advantages < 0)).float()
-                metrics["eur"].update(stats[f"eur_{sign}"].float(), count)
-                metrics["ratio_mean"].update(((terms.ratio * in_sign).sum() / count).float(), count)
-        self.ratio_min.update(stats["ratio_min"])
-        self.ratio_max.update(stats["ratio_max"])
+
+    def train_metrics(self) -> dict[str, torch.Tensor]:
+        """train/* statistics of the updates since the last call, over every rank's tokens; resets them.
+
+        A collective: every rank calls it once per rollout step. Ratio statistics, EUR, gate_mean, gated_frac and
+        clip_frac are over tokens with A != 0 (nan where there are none); loss, pg_loss, kl, entropy over all
+        valid tokens.
+        """
+        with warnings.catch_warnings():  # a rollout whose every token is masked: nan, not a warning
+            warnings.filterwarnings("ignore", message=".*compute.*before the ..update", category=UserWarning)
+            out = {f"train/{k}": m.compute() for k, m in self.stats.items()}  # synced across ranks
+        for metric in self.stats.values():
+            metric.reset()
+        # exact across ranks: gather every rank's (count, mean, M2, ...) and Chan-merge them
+        local = self._ratio_moments.to(self.device)
+        merged = merge_all(gather_cat(local.flatten(), device=self.device).view(-1, *local.shape))
+        self._ratio_moments = empty(3, device=self.device)
+        g = summarize(merged)
+        names = {"eur": "eur", "gated_frac": "gated_frac", "clip_frac": "clip_frac", "gate_mean": "gate_mean",
+                 "mean": "ratio_mean", "var": "ratio_var", "log_var": "log_ratio_var", "min": "ratio_min",
+                 "max": "ratio_max"}
+        for stat, name in names.items():
+            out[f"train/{name}"] = g[stat][0].float()
+        for i, suffix in ((1, "pos"), (2, "neg")):
+            out[f"train/eur_{suffix}"] = g["eur"][i].float()
+            out[f"train/ratio_mean_{suffix}"] = g["mean"][i].float()
+        return out
 
     def _log_step(self, batch: RolloutBatch, grad_norms: list[float]) -> None:
-        values = {k: m.compute() for k, m in self.stats.items()}  # token-weighted, synced across ranks
-        out = {f"train/{k}": v for k, v in values.items() if k not in ("ratio_sq", "log_ratio_mean", "log_ratio_sq")}
-        out["train/ratio_var"] = values["ratio_sq"] - values["ratio_mean"] ** 2
-        out["train/log_ratio_var"] = values["log_ratio_sq"] - values["log_ratio_mean"] ** 2
-        out["train/ratio_min"], out["train/ratio_max"] = self.ratio_min.compute(), self.ratio_max.compute()
-        for suffix, group in (("pos", self.stats_pos), ("neg", self.stats_neg)):
-            for key, metric in group.items():
-                # every rank computes (it is a collective); a sign absent on every rank gives 0/0 = nan
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*compute.*before the ..update", category=UserWarning)
-                    out[f"train/{key}_{suffix}"] = metric.compute()
-        for metric in [*self.stats.values(), *self.stats_pos.values(), *self.stats_neg.values(),
-                       self.ratio_min, self.ratio_max]:
-            metric.reset()
+        out = self.train_metrics()
         out["train/grad_norm"] = torch.tensor(sum(grad_norms) / max(len(grad_norms), 1))
         out["train/lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0])
         self.log_dict(out, on_step=True, batch_size=batch.size)

@@ -1,17 +1,18 @@
 """The gated policy loss: ratios (token or sequence level), gate, KL to a reference, aggregation, stats.
 
 Pure math on [B, T] tensors: no Lightning import. The loss is −J with J = agg(f_tau(r)·A), tau = tau_pos where
-A > 0 else tau_neg (see DESIGN.md).
+A > 0 else tau_neg. The settings of one loss are a `LossSettings`, validated once when it is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from lit_sapo.gates import Gate, get_gate
+from lit_sapo.stats import ratio_moments, summarize
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 LEVELS = ("token", "sequence")
@@ -61,7 +62,12 @@ def aggregate(values: Tensor, mask: Tensor, aggregation: str, norm_length: float
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k3", max_log_ratio: float = 20.0) -> Tensor:
-    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1/k2/k3)."""
+    """Per-token estimate of KL(pi || ref) from samples of pi (Schulman's k1/k2/k3), with d = log ref - log pi.
+
+    k1 = -d: unbiased, but as a loss term its gradient has zero expectation under pi (E_pi[grad log pi] = 0),
+    so it does not pull pi towards ref; only its noise reaches the update. k2 = d^2/2 (biased; its gradient is
+    that of KL in expectation to first order). k3 = expm1(d) - d: unbiased, never negative, low variance.
+    """
     log_diff = (ref_logp - logp).clamp(-max_log_ratio, max_log_ratio)
     if estimator == "k1":
         return -log_diff
@@ -88,17 +94,53 @@ class GateTerms:
     mask: Tensor
 
 
-def _check_args(logp, old_logp, advantages, mask, tau_pos, tau_neg, level, aggregation, norm_length,
-                kl_estimator, max_log_ratio, ref_logp, kl_coef, is_weights) -> None:
-    if level not in LEVELS:
-        raise ValueError(f"level: unknown value {level!r}; valid: {', '.join(LEVELS)}")
-    _check_aggregation(aggregation, norm_length)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator: unknown value {kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
-    if not tau_pos > 0 or not tau_neg > 0:
-        raise ValueError(f"tau_pos/tau_neg: must be > 0, got tau_pos={tau_pos}, tau_neg={tau_neg}")
-    if not max_log_ratio > 0:
-        raise ValueError(f"max_log_ratio: must be > 0, got {max_log_ratio}")
+@dataclass
+class LossSettings:
+    """The settings of the gated policy loss, validated here and nowhere else (errors name the field).
+
+    `gate` is a name (see lit_sapo.gates.GATE_NAMES), a dotted class path, or a Gate object (used as given).
+    """
+
+    gate: str | Gate = "sigmoid"
+    """sigmoid (SAPO), erf, arctan, softsign, clip (GRPO/DAPO), none, or a class path."""
+    tau_pos: float = 1.0
+    """Gate temperature for tokens with positive advantage."""
+    tau_neg: float = 1.05
+    """Gate temperature for tokens with non-positive advantage."""
+    eps_low: float = 0.2
+    """Lower clip range of the clip gate."""
+    eps_high: float = 0.2
+    """Upper clip range of the clip gate (> eps_low: DAPO clip-higher)."""
+    level: str = "token"
+    """token, or sequence (GSPO: one ratio per sequence, the geometric mean of its token ratios)."""
+    aggregation: str = "seq-mean-token-mean"
+    """token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm (Dr.GRPO)."""
+    norm_length: float | None = None
+    """The constant divisor of seq-mean-token-sum-norm."""
+    max_log_ratio: float = 20.0
+    """Clamp of log r before exp."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to a reference (0 = none)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3 (see kl_estimate; k1 has zero expected gradient as a loss term)."""
+    gate_fn: Gate = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"level: unknown value {self.level!r}; valid: {', '.join(LEVELS)}")
+        _check_aggregation(self.aggregation, self.norm_length)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator: unknown value {self.kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
+        if not self.tau_pos > 0 or not self.tau_neg > 0:
+            raise ValueError(f"tau_pos/tau_neg: must be > 0, got tau_pos={self.tau_pos}, tau_neg={self.tau_neg}")
+        if not self.max_log_ratio > 0:
+            raise ValueError(f"max_log_ratio: must be > 0, got {self.max_log_ratio}")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"kl_coef: must be >= 0, got {self.kl_coef}")
+        self.gate_fn = get_gate(self.gate, eps_low=self.eps_low, eps_high=self.eps_high)
+
+
+def _check_inputs(logp, old_logp, advantages, mask, ref_logp, is_weights, kl_coef) -> None:
     if kl_coef != 0 and ref_logp is None:
         raise ValueError(f"kl_coef: {kl_coef} needs ref_logp (reference log-probs), got None")
     if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
@@ -122,19 +164,9 @@ def policy_loss(
     old_logp: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    settings: LossSettings | None = None,
     *,
-    gate: str | Gate = "sigmoid",
-    tau_pos: float = 1.0,
-    tau_neg: float = 1.05,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    level: str = "token",
-    aggregation: str = "seq-mean-token-mean",
-    norm_length: float | None = None,
-    max_log_ratio: float = 20.0,
     ref_logp: Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
     is_weights: Tensor | None = None,
     return_terms: bool = False,
 ):
@@ -144,9 +176,10 @@ def policy_loss(
     sampler/trainer mismatch correction): [B] or [B, T]. Masked positions may hold inf/nan: they are replaced
     before any arithmetic, so they reach neither the loss nor the gradients.
     """
-    _check_args(logp, old_logp, advantages, mask, tau_pos, tau_neg, level, aggregation, norm_length,
-                kl_estimator, max_log_ratio, ref_logp, kl_coef, is_weights)
-    gate = get_gate(gate, eps_low=eps_low, eps_high=eps_high)
+    s = settings if settings is not None else LossSettings()
+    _check_inputs(logp, old_logp, advantages, mask, ref_logp, is_weights, s.kl_coef)
+    gate, tau_pos, tau_neg, max_log_ratio = s.gate_fn, s.tau_pos, s.tau_neg, s.max_log_ratio
+    aggregation, norm_length, kl_coef = s.aggregation, s.norm_length, s.kl_coef
     mask = mask.bool()
     # bf16 ratios are too coarse near r = 1; compute in at least float32.
     dtype = torch.promote_types(logp.dtype, torch.float32)
@@ -154,7 +187,7 @@ def policy_loss(
 
     # Sanitize first: the subtraction's backward never reads the values, so no nan reaches grad(logp).
     log_ratio = _valid(logp - old_logp.to(dtype), mask).clamp(-max_log_ratio, max_log_ratio)
-    if level == "sequence":
+    if s.level == "sequence":
         # GSPO: one ratio per sequence, the geometric mean of its token ratios.
         log_ratio = _per_token(masked_mean(log_ratio, mask, dim=-1), log_ratio)
     ratio = torch.exp(log_ratio)
@@ -171,7 +204,7 @@ def policy_loss(
     kl = torch.zeros_like(ratio)
     if ref_logp is not None:
         ref = _valid(ref_logp.to(dtype), mask)
-        kl = _valid(kl_estimate(_valid(logp, mask), ref, kl_estimator, max_log_ratio), mask)
+        kl = _valid(kl_estimate(_valid(logp, mask), ref, s.kl_estimator, max_log_ratio), mask)
     loss = pg_loss
     if kl_coef != 0:
         loss = aggregate(-objective + kl_coef * kl, mask, aggregation, norm_length)
@@ -196,30 +229,28 @@ def policy_loss(
 
 
 def _stats(log_ratio, ratio, gate_value, gate_grad, adv, mask, kl) -> dict[str, Tensor]:
-    """Token-weighted statistics over valid tokens; every one is 0 (never nan) when there are no such tokens."""
-    pos, neg = mask & (adv > 0), mask & (adv < 0)
+    """Statistics of one evaluation; every one is 0 (never nan) when there are no such tokens.
+
+    tokens / kl: all valid tokens. Ratio statistics, EUR, gate_mean, gated_frac, clip_frac: the tokens with a
+    policy-gradient term (mask & A != 0), from lit_sapo.stats (float64, population variances).
+    """
     f = ratio.dtype
-    ratio_mean = masked_mean(ratio, mask)
-    log_ratio_mean = masked_mean(log_ratio, mask)
-    has_tokens = mask.any()
-    # where + amin instead of ratio[mask]: no host-device sync in the training step.
-    ratio_min = torch.where(has_tokens, torch.where(mask, ratio, torch.inf).amin(), 0.0)
-    ratio_max = torch.where(has_tokens, torch.where(mask, ratio, -torch.inf).amax(), 0.0)
+    moments = ratio_moments(log_ratio, adv, mask, gate_grad, gate_value)
+    g = {k: torch.nan_to_num(v, nan=0.0) for k, v in summarize(moments).items()}  # [3] each: all, pos, neg
     return {
-        "eur": masked_mean(gate_grad, mask),
-        "eur_pos": masked_mean(gate_grad, pos),
-        "eur_neg": masked_mean(gate_grad, neg),
+        "eur": g["eur"][0].to(f),
+        "eur_pos": g["eur"][1].to(f),
+        "eur_neg": g["eur"][2].to(f),
         "tokens": mask.sum().to(f),
-        "tokens_pos": pos.sum().to(f),
-        "tokens_neg": neg.sum().to(f),
-        "ratio_mean": ratio_mean,
-        # Population variances (ddof 0), token-weighted like every other statistic here.
-        "ratio_var": masked_mean((ratio - ratio_mean) ** 2, mask),
-        "ratio_min": ratio_min,
-        "ratio_max": ratio_max,
-        "log_ratio_var": masked_mean((log_ratio - log_ratio_mean) ** 2, mask),
-        "gate_mean": masked_mean(gate_value, mask),
-        "gated_frac": masked_mean((gate_grad < 0.5).to(f), mask),
-        "clip_frac": masked_mean((gate_grad == 0).to(f), mask),
+        "tokens_pos": g["tokens"][1].to(f),
+        "tokens_neg": g["tokens"][2].to(f),
+        "ratio_mean": g["mean"][0].to(f),
+        "ratio_var": g["var"][0].to(f),
+        "ratio_min": g["min"][0].to(f),
+        "ratio_max": g["max"][0].to(f),
+        "log_ratio_var": g["log_var"][0].to(f),
+        "gate_mean": g["gate_mean"][0].to(f),
+        "gated_frac": g["gated_frac"][0].to(f),
+        "clip_frac": g["clip_frac"][0].to(f),
         "kl": masked_mean(kl, mask),
     }

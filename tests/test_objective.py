@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lit_sapo.gates import GATE_NAMES, ClipGate
-from lit_sapo.objective import GateTerms, aggregate, kl_estimate, masked_mean, policy_loss
+from lit_sapo.objective import GateTerms, LossSettings, aggregate, kl_estimate, masked_mean, policy_loss
 
 F64 = torch.float64
 
@@ -43,7 +43,7 @@ def test_sigmoid_gate_matches_trl_and_verl_sapo(tau_pos, tau_neg):
     # Our gate adds 1 − 2/tau (so that f(1) = 1): a constant that shifts the loss, never the gradient.
     constant = seq_mean_token_mean(-(1 - 2 / tau) * adv[:, None] * torch.ones_like(ratio), mask)
 
-    loss, _ = policy_loss(logp, old, adv, mask, gate="sigmoid", tau_pos=tau_pos, tau_neg=tau_neg)
+    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(gate="sigmoid", tau_pos=tau_pos, tau_neg=tau_neg))
     assert loss.item() == pytest.approx((reference + constant).item(), abs=1e-10)
     expected_grad = grad_of(reference, logp)
     assert expected_grad.abs().max() > 1e-3  # the comparison is not trivially 0 == 0
@@ -57,7 +57,7 @@ def test_clip_gate_matches_ppo_clipped_objective_with_asymmetric_eps():
     a = adv[:, None]
     reference = seq_mean_token_mean(-torch.min(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a), mask)
 
-    loss, stats = policy_loss(logp, old, adv, mask, gate="clip", eps_low=eps_low, eps_high=eps_high)
+    loss, stats = policy_loss(logp, old, adv, mask, LossSettings(gate="clip", eps_low=eps_low, eps_high=eps_high))
     assert loss.item() == pytest.approx(reference.item(), abs=1e-12)
     torch.testing.assert_close(grad_of(loss, logp), grad_of(reference, logp), rtol=0, atol=1e-12)
     assert 0.0 < stats["clip_frac"].item() < 1.0  # the example does exercise clipping
@@ -66,16 +66,16 @@ def test_clip_gate_matches_ppo_clipped_objective_with_asymmetric_eps():
 def test_none_gate_is_importance_weighted_policy_gradient():
     logp, old, adv, mask = random_batch(seed=2)
     reference = seq_mean_token_mean(-torch.exp(logp - old) * adv[:, None], mask)
-    loss, _ = policy_loss(logp, old, adv, mask, gate="none")
+    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(gate="none"))
     assert loss.item() == pytest.approx(reference.item(), abs=1e-12)
     torch.testing.assert_close(grad_of(loss, logp), grad_of(reference, logp))
 
 
 def test_gate_object_is_used_as_given():
     logp, old, adv, mask = random_batch(seed=3, spread=0.4)
-    by_object, _ = policy_loss(logp, old, adv, mask, gate=ClipGate(0.1, 0.3), eps_low=0.5, eps_high=0.5)
-    by_name, _ = policy_loss(logp, old, adv, mask, gate="clip", eps_low=0.1, eps_high=0.3)
-    wider, _ = policy_loss(logp, old, adv, mask, gate="clip", eps_low=0.5, eps_high=0.5)
+    by_object, _ = policy_loss(logp, old, adv, mask, LossSettings(gate=ClipGate(0.1, 0.3), eps_low=0.5, eps_high=0.5))
+    by_name, _ = policy_loss(logp, old, adv, mask, LossSettings(gate="clip", eps_low=0.1, eps_high=0.3))
+    wider, _ = policy_loss(logp, old, adv, mask, LossSettings(gate="clip", eps_low=0.5, eps_high=0.5))
     assert by_object.item() == by_name.item() != wider.item()
 
 
@@ -85,7 +85,7 @@ def test_on_policy_every_gate_is_plain_policy_gradient(tau_pos, tau_neg):
     old = logp.detach().clone()
     plain = grad_of(seq_mean_token_mean(-logp * adv[:, None], mask), logp)
     for name in GATE_NAMES:
-        loss, stats = policy_loss(logp, old, adv, mask, gate=name, tau_pos=tau_pos, tau_neg=tau_neg)
+        loss, stats = policy_loss(logp, old, adv, mask, LossSettings(gate=name, tau_pos=tau_pos, tau_neg=tau_neg))
         torch.testing.assert_close(grad_of(loss, logp), plain, rtol=0, atol=1e-12, msg=name)
         assert stats["eur"].item() == pytest.approx(1.0)
         assert stats["ratio_var"].item() == 0.0
@@ -96,7 +96,7 @@ def test_zero_advantage_tokens_get_zero_gradient():
     adv = adv.clone()
     adv[2] = 0.0
     for name in GATE_NAMES:
-        loss, _ = policy_loss(logp, old, adv, mask, gate=name)
+        loss, _ = policy_loss(logp, old, adv, mask, LossSettings(gate=name))
         g = grad_of(loss, logp)
         assert torch.equal(g[2], torch.zeros_like(g[2])), name
         assert g[0].abs().sum() > 0, name
@@ -114,9 +114,8 @@ def test_extreme_ratios_and_masked_inf_nan_stay_finite(name, level):
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=F64)  # 0/1 float mask
     ref = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, float("nan"), float("inf")]], dtype=F64)
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, float("nan"), 1.0]], dtype=F64)
-    loss, stats, terms = policy_loss(
-        logp, old, adv, mask, gate=name, level=level, ref_logp=ref, kl_coef=0.1, return_terms=True
-    )
+    loss, stats, terms = policy_loss(logp, old, adv, mask, LossSettings(gate=name, level=level, kl_coef=0.1),
+                                     ref_logp=ref, return_terms=True)
     g = grad_of(loss, logp)
     assert torch.isfinite(loss), name
     assert torch.isfinite(g).all(), name
@@ -184,7 +183,7 @@ def test_policy_loss_aggregation_weights_sequences_and_tokens_differently():
         "seq-mean-token-sum-norm": (-3 / 3 + 2 / 3) / 2,
     }
     for aggregation, value in expected.items():
-        loss, _ = policy_loss(logp, logp, adv, mask, gate="none", aggregation=aggregation, norm_length=3)
+        loss, _ = policy_loss(logp, logp, adv, mask, LossSettings(gate="none", aggregation=aggregation, norm_length=3))
         assert loss.item() == pytest.approx(value), aggregation
 
 
@@ -193,7 +192,8 @@ def test_sequence_level_ratio_by_hand():
     old = torch.zeros(1, 3, dtype=F64)
     mask = torch.tensor([[True, True, False]])
     adv = torch.tensor([2.0], dtype=F64)
-    loss, stats, terms = policy_loss(logp, old, adv, mask, gate="none", level="sequence", return_terms=True)
+    loss, stats, terms = policy_loss(logp, old, adv, mask, LossSettings(gate="none", level="sequence"),
+                                     return_terms=True)
     s = math.exp(0.3)  # geometric mean of the token ratios e^0.2, e^0.4
     assert loss.item() == pytest.approx(-2 * s)
     # d/dlogp_t of −A·exp(mean_t log r) = −A·s/|valid tokens|
@@ -201,7 +201,7 @@ def test_sequence_level_ratio_by_hand():
     torch.testing.assert_close(terms.ratio[0, :2], torch.tensor([s, s], dtype=F64))
     assert stats["ratio_var"].item() == pytest.approx(0.0, abs=1e-15)
 
-    loss, _ = policy_loss(logp, old, adv, mask, gate="sigmoid", level="sequence", tau_pos=10.0)
+    loss, _ = policy_loss(logp, old, adv, mask, LossSettings(gate="sigmoid", level="sequence", tau_pos=10.0))
     sapo = 4 / 10 / (1 + math.exp(-10 * (s - 1))) + 1 - 2 / 10
     assert loss.item() == pytest.approx(-2 * sapo)
 
@@ -224,7 +224,8 @@ def test_kl_term_enters_loss_and_gradient(estimator):
     ref = torch.tensor([[-1.5, -1.0, float("nan")]], dtype=F64)
     mask = torch.tensor([[True, True, False]])
     adv = torch.zeros(1, dtype=F64)  # no policy-gradient term: the loss is the KL term alone
-    loss, stats = policy_loss(logp, logp.detach(), adv, mask, ref_logp=ref, kl_coef=0.1, kl_estimator=estimator)
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask, LossSettings(kl_coef=0.1, kl_estimator=estimator),
+                              ref_logp=ref)
     kl = kl_estimate(logp.detach()[:, :2], ref[:, :2], estimator).mean()
     assert stats["kl"].item() == pytest.approx(kl.item())
     assert loss.item() == pytest.approx(0.1 * kl.item())
@@ -260,7 +261,7 @@ def test_stats_by_hand_for_clip_gate():
     r = torch.tensor([[1.0, 1.5, 0.5, 1.1], [0.5, 1.5, 1.0, 1.0]], dtype=F64)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
     old = torch.zeros_like(r)
-    loss, stats = policy_loss(r.log(), old, torch.tensor([1.0, -1.0], dtype=F64), mask, gate="clip")
+    loss, stats = policy_loss(r.log(), old, torch.tensor([1.0, -1.0], dtype=F64), mask, LossSettings(gate="clip"))
     # f' (eps 0.2): A>0 → [1, 0, 1, 1]; A<0 → [0 (0.5 < 0.8), 1]
     assert stats["eur"].item() == pytest.approx(4 / 6)
     assert stats["eur_pos"].item() == pytest.approx(3 / 4)
@@ -285,7 +286,8 @@ def test_stats_by_hand_for_clip_gate():
 
 def test_stats_by_hand_for_sigmoid_gate():
     r = torch.tensor([[1.0, 2.0, 3.0]], dtype=F64)
-    _, stats = policy_loss(r.log(), torch.zeros_like(r), torch.tensor([1.0]), torch.ones(1, 3), tau_pos=1.0)
+    _, stats = policy_loss(r.log(), torch.zeros_like(r), torch.tensor([1.0]), torch.ones(1, 3),
+                           LossSettings(tau_pos=1.0))
 
     def slope(x):
         s = 1 / (1 + math.exp(-(x - 1)))
@@ -300,7 +302,7 @@ def test_stats_by_hand_for_sigmoid_gate():
 
 def test_terms_hold_per_token_detached_tensors():
     logp, old, adv, mask = random_batch(seed=8)
-    _, stats, terms = policy_loss(logp, old, adv, mask, tau_pos=10.0, tau_neg=12.0, return_terms=True)
+    _, stats, terms = policy_loss(logp, old, adv, mask, LossSettings(tau_pos=10.0, tau_neg=12.0), return_terms=True)
     assert isinstance(terms, GateTerms)
     for name in ("log_ratio", "ratio", "gate_value", "gate_grad", "tau", "advantages", "mask"):
         value = getattr(terms, name)
@@ -332,7 +334,7 @@ def test_terms_hold_per_token_detached_tensors():
 def test_bad_options_raise_one_line_errors_naming_the_argument(kwargs, argument):
     logp, old, adv, mask = random_batch()
     with pytest.raises(ValueError) as err:
-        policy_loss(logp, old, adv, mask, **kwargs)
+        policy_loss(logp, old, adv, mask, LossSettings(**kwargs))
     assert str(err.value).startswith(argument) and "\n" not in str(err.value)
 
 
