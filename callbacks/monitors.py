@@ -2,7 +2,8 @@
 
 Both read the `UpdateRecord`s of each rollout step (`outputs["updates"]` of `on_train_batch_end`, the same as
 `pl_module.last_output.updates`) and log once per rollout step. Every number is token-weighted and exact across
-ranks: ranks all-reduce sums (counts, sums of values) or gather raw token values, never means of means.
+ranks: ranks all-reduce sums, gather raw token values, or gather and Chan-merge float64 moments
+(lit_sapo.stats, the same code as the module's train/* ratio statistics); never means of means.
 The aggregation functions are public and take `sync=False` for a purely local computation.
 """
 
@@ -16,6 +17,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_sapo.callbacks._dist import all_reduce, gather_cat
+from lit_sapo.stats import empty, merge, merge_all, ratio_moments, summarize
 
 NAN = float("nan")
 GROUPS = ("", "_pos", "_neg")  # all valid tokens, advantage > 0, advantage < 0 (A = 0 is in neither sign group)
@@ -118,15 +120,14 @@ class EntropyMonitor(Callback):
 
 # ------------------------------------------------------------------------------------------------ importance ratio
 
-SUM_FIELDS = ("n", "r", "r2", "log_r", "log_r2", "gate_grad", "gated")
 STATS = ("mean", "var", "log_var", "eur", "gated_frac", "min", "max")
 
 
-def ratio_sums(updates, *, sync: bool = True, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sums over valid tokens per inner update k and group (all, pos, neg), reduced over ranks.
+def update_moments(updates, *, sync: bool = True, device=None) -> torch.Tensor:
+    """lit_sapo.stats moments [K, 3, F] per inner update k and group (A != 0, A > 0, A < 0), merged over ranks.
 
-    Returns sums [K, 3, len(SUM_FIELDS)] (float64), min r [K, 3] and max r [K, 3] (+inf/-inf where no token).
     k = epoch * num_minibatches + minibatch: the k-th optimizer step of the rollout, the same on every rank.
+    Exact across ranks: each rank's float64 (count, mean, M2, ...) are gathered and Chan-merged.
     """
     keys = [(u.epoch, u.minibatch) for u in updates]
     shape = torch.tensor([max((e for e, _ in keys), default=-1) + 1, max((m for _, m in keys), default=-1) + 1],
@@ -134,49 +135,33 @@ def ratio_sums(updates, *, sync: bool = True, device=None) -> tuple[torch.Tensor
     if sync:
         shape = all_reduce(shape, "max", device=device)
     num_mb = int(shape[1])
-    K = int(shape[0]) * num_mb
-    sums = torch.zeros(K, 3, len(SUM_FIELDS), dtype=torch.float64)
-    lo = torch.full((K, 3), math.inf, dtype=torch.float64)
-    hi = torch.full((K, 3), -math.inf, dtype=torch.float64)
+    moments = empty(int(shape[0]) * num_mb, 3)
     for u in updates:
         k, t = u.epoch * num_mb + u.minibatch, u.terms
-        mask = t.mask.bool()
-        for g, m in enumerate((mask, mask & (t.advantages > 0), mask & (t.advantages < 0))):
-            if not m.any():
-                continue
-            r, lr, df = t.ratio[m].double().cpu(), t.log_ratio[m].double().cpu(), t.gate_grad[m].double().cpu()
-            sums[k, g] += torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64), r.sum(), (r * r).sum(),
-                                       lr.sum(), (lr * lr).sum(), df.sum(), (df < 0.5).double().sum()])
-            lo[k, g] = torch.minimum(lo[k, g], r.min())
-            hi[k, g] = torch.maximum(hi[k, g], r.max())
+        part = ratio_moments(t.log_ratio, t.advantages, t.mask, t.gate_grad, t.gate_value).cpu()
+        moments[k] = merge(moments[k], part)
     if sync:
-        sums, lo, hi = all_reduce(sums, device=device), all_reduce(lo, "min", device), all_reduce(hi, "max", device)
-    return sums, lo, hi
+        moments = merge_all(gather_cat(moments.flatten(), device=device).view(-1, *moments.shape))
+    return moments
 
 
-def _stats(s: torch.Tensor, lo: float, hi: float) -> dict[str, float]:
-    n, r, r2, lr, lr2, df, gated = (float(x) for x in s)
-    if n == 0:
-        return dict.fromkeys(STATS, NAN)
-    mean, log_mean = r / n, lr / n
-    # population variance from the sums; clamp the float round-off of E[x²] - E[x]² at 0
-    return {"mean": mean, "var": max(r2 / n - mean * mean, 0.0), "log_var": max(lr2 / n - log_mean * log_mean, 0.0),
-            "eur": df / n, "gated_frac": gated / n, "min": lo, "max": hi}
+def _stats(m: torch.Tensor) -> dict[str, float]:
+    return {name: float(v) for name, v in summarize(m).items() if name in STATS}
 
 
-def ratio_metrics(sums: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_update: bool = True) -> dict[str, float]:
+def ratio_metrics(moments: torch.Tensor, per_update: bool = True) -> dict[str, float]:
     """Log names and values: rollout aggregates `ratio/<stat>[_pos|_neg]` over the tokens of all inner updates,
-    and per update `ratio/update_<k>/<stat>` (all valid tokens)."""
+    and per update `ratio/update_<k>/<stat>` (all tokens with A != 0)."""
     out = {}
-    total, tlo, thi = sums.sum(0), lo.amin(0), hi.amax(0)
+    total = merge_all(moments)
     for g, suffix in enumerate(GROUPS):
-        for name, v in _stats(total[g], float(tlo[g]), float(thi[g])).items():
+        for name, v in _stats(total[g]).items():
             out[f"ratio/{name}{suffix}"] = v
     if per_update:
-        for k in range(sums.shape[0]):
-            if sums[k, 0, 0] == 0:
-                continue  # an (epoch, minibatch) that no rank ran
-            for name, v in _stats(sums[k, 0], float(lo[k, 0]), float(hi[k, 0])).items():
+        for k in range(moments.shape[0]):
+            if moments[k, 0, 0] == 0:
+                continue  # an (epoch, minibatch) that no rank ran, or one without a token of A != 0
+            for name, v in _stats(moments[k, 0]).items():
                 out[f"ratio/update_{k}/{name}"] = v
     return out
 
@@ -184,10 +169,11 @@ def ratio_metrics(sums: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, per_up
 class ImportanceRatioMonitor(Callback):
     """Importance-ratio statistics of each rollout step's inner updates (r = pi_new / pi_old per token).
 
-    Statistics (token-weighted over valid completion tokens, exact across ranks from all-reduced sums of r, r²,
-    log r, (log r)², f'(r) and counts): `mean`, `var` (population variance of r, the paper's importance-ratio
-    variance), `log_var` (variance of log r), `eur` (token mean of the gate's derivative f'(r)), `gated_frac`
-    (fraction with f'(r) < 0.5), `min`, `max`.
+    Statistics over the valid completion tokens that carry a policy gradient (A != 0), token-weighted, from
+    float64 centred moments Chan-merged over micro-batches, updates and ranks (lit_sapo.stats): `mean`, `var`
+    (population variance of r, the paper's importance-ratio variance), `log_var` (variance of log r), `eur` (token
+    mean of the gate's derivative f'(r)), `gated_frac` (fraction with f'(r) < 0.5), `min`, `max`; nan where a
+    group has no token.
 
     Layout, per rollout step:
       - `ratio/<stat>`, `ratio/<stat>_pos`, `ratio/<stat>_neg`: pooled over the tokens of ALL inner updates of the
@@ -207,8 +193,8 @@ class ImportanceRatioMonitor(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         updates = updates_of(outputs, pl_module)
-        sums, lo, hi = ratio_sums(updates, device=pl_module.device)
-        pl_module.log_dict(ratio_metrics(sums, lo, hi, self.per_update), on_step=True, on_epoch=False, batch_size=1)
+        moments = update_moments(updates, device=pl_module.device)
+        pl_module.log_dict(ratio_metrics(moments, self.per_update), on_step=True, on_epoch=False, batch_size=1)
         if self.histograms and trainer.is_global_zero:
             self._histograms(trainer, updates, batch.rollout_index)
 
@@ -216,8 +202,9 @@ class ImportanceRatioMonitor(Callback):
         writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_histogram")]
         if not writers or not updates:
             return
-        r = torch.cat([u.terms.ratio[u.terms.mask.bool()].float().cpu() for u in updates])
-        df = torch.cat([u.terms.gate_grad[u.terms.mask.bool()].float().cpu() for u in updates])
+        active = [u.terms.mask.bool() & (u.terms.advantages != 0) for u in updates]  # as the statistics
+        r = torch.cat([u.terms.ratio[m].float().cpu() for u, m in zip(updates, active)])
+        df = torch.cat([u.terms.gate_grad[m].float().cpu() for u, m in zip(updates, active)])
         if r.numel() == 0:
             return
         for w in writers:

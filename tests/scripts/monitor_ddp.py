@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from lit_sapo.callbacks._dist import gather_objects
 from lit_sapo.callbacks.evaluation import shard, summarize
-from lit_sapo.callbacks.monitors import entropy_stats, entropy_tokens, ratio_metrics, ratio_sums
+from lit_sapo.callbacks.monitors import entropy_stats, entropy_tokens, ratio_metrics, update_moments
 from lit_sapo.module import UpdateRecord
 from lit_sapo.objective import GateTerms
 
@@ -46,7 +46,7 @@ def eval_rows() -> list[dict]:
 
 def metrics(updates, rows, sync: bool) -> dict:
     out = entropy_stats(*entropy_tokens(updates), (0.1, 0.5, 0.9), sync=sync)
-    out.update(ratio_metrics(*ratio_sums(updates, sync=sync)))
+    out.update(ratio_metrics(update_moments(updates, sync=sync)))
     out.update({f"eval/{k}": v for k, v in summarize(rows, sync=sync).items()})
     return out
 
