@@ -22,6 +22,9 @@ class HFSampler:
             (the same distribution as G separate prefills, for 1/G of the prefill compute).
     """
 
+    rank_local = False
+    """True when the policy is a full copy on this rank (lit_sapo.async_rollout): generate runs no collectives."""
+
     def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256,
                  batch_size: int | None = None, share_prefill: bool = True) -> None:
         check_sampling_args(temperature, top_p, top_k, max_new_tokens)
@@ -92,7 +95,8 @@ class HFSampler:
                       pad_token_id=pad, eos_token_id=tok.eos_token_id, output_scores=True,
                       return_dict_in_generate=True, use_cache=True,
                       # every FSDP rank must run the same number of forward passes (they all-gather weights)
-                      synced_gpus=dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+                      synced_gpus=not self.rank_local and dist.is_available() and dist.is_initialized()
+                      and dist.get_world_size() > 1)
         share = self.share_prefill and num_generations > 1 and width > 1
         if kwargs["synced_gpus"]:  # the prefill is a forward pass: all ranks run it or none
             flag = torch.tensor(float(share), device=device)
