@@ -1,0 +1,49 @@
+"""lit-sapo sweep and lit-sapo plot on the tiny model: the runs finish, the summary matches each run's
+metrics.csv, a second call re-runs nothing, and the plot command writes one PNG per metric."""
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from lit_sapo.plots import read_run
+from lit_sapo.study import plot_cli, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "tests" / "data" / "tiny.yaml")
+
+
+@pytest.mark.slow
+def test_sweep_summary_resume_and_plot(tmp_path):
+    args = ["--config", TINY, "--gates", "sigmoid,clip", "--taus", "1:1.05", "--seeds", "0",
+            "--out", str(tmp_path), "--trainer.max_steps", "4"]
+    assert sweep.main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert [r["gate"] for r in rows] == ["sigmoid", "clip"]
+    for row in rows:
+        series = read_run(tmp_path / row["run"])
+        rewards = [v for _, v in sorted(series["reward/mean"].items())]
+        assert int(row["rollouts"]) == 2 == len(rewards)
+        assert math.isclose(float(row["reward_final"]), rewards[-1])
+        assert math.isclose(float(row["reward_mean"]), sum(rewards) / 2)
+        var = [v for _, v in sorted(series["train/ratio_var"].items())]
+        assert math.isclose(float(row["ratio_var"]), sum(var) / len(var), rel_tol=1e-9, abs_tol=1e-15)
+        assert (tmp_path / row["run"] / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "summary.md").read_text().count("\n") == 2 + len(rows)
+    # a second call re-runs nothing: the finished runs' metrics files are untouched
+    files = sorted(tmp_path.rglob("metrics.csv"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert sweep.main(args) == 0
+    assert sorted(tmp_path.rglob("metrics.csv")) == files and [f.stat().st_mtime_ns for f in files] == mtimes
+
+    out = tmp_path / "png"
+    assert plot_cli.main([str(tmp_path), "--out", str(out)]) == 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 7 and all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_clip_runs_take_eps_pairs_not_taus():
+    specs = sweep.run_specs(["erf", "clip"], [(10.0, 12.0), (1.0, 1.05)], [(0.2, 0.28)], [0, 1])
+    assert [s["name"] for s in specs if s["gate"] == "clip"] == ["clip-eps0.2_0.28-seed0", "clip-eps0.2_0.28-seed1"]
+    assert len([s for s in specs if s["gate"] == "erf"]) == 4
