@@ -43,9 +43,11 @@ def rollout_correction_weights(trainer_logp: Tensor, sampler_logp: Tensor, mask:
         keep = seq_log.abs() <= torch.log(torch.tensor(cap))
         weights = keep[:, None].to(maskf.dtype) * maskf
     tokens = maskf.sum().clamp(min=1)
-    # k3 estimate of KL(sampler || trainer) on the sampler's own tokens: never negative
-    d = -log_w
-    kl = ((d.exp() - d - 1) * maskf).sum() / tokens
+    # k3 estimate of KL(sampler || trainer) from the sampler's own tokens: E_sampler[(w - 1) - log w] with
+    # w = trainer / sampler (unbiased, never negative). float64 + expm1: near w = 1 the terms are ~ (log w)^2 / 2,
+    # which float32 rounds to exactly 0 below |log w| ~ 3e-4.
+    log_w64 = log_w.double()
+    kl = ((torch.expm1(log_w64) - log_w64) * maskf.double()).sum() / tokens.double()
     stats = {"kl": kl, "is_weight_mean": (weights * maskf).sum() / tokens,
              "masked_frac": ((weights == 0) & valid).sum() / tokens}
     return weights, stats
