@@ -66,7 +66,6 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> Lightn
 TOOLS = {
     "sweep": "lit_sapo.study.sweep",
     "plot": "lit_sapo.study.plot_cli",
-    "probe": "lit_sapo.study.probe",
     "eval": "lit_sapo.evaluate",
 }
 
