@@ -105,6 +105,8 @@ class SAPOModule(LightningModule):
             after it without padding, one forward (FSDP2-safe); same values and gradients, less compute.
             Minibatches then hold whole groups. Needs sdpa or eager attention (else rows are padded).
         pack_row_tokens: packed row length; groups are packed together up to it (a longer group has its own row).
+        max_skipped_steps: an optimizer step whose gradient norm is not finite is skipped (no update, counted in
+            train/skipped_steps); after this many in a row the run stops with one line naming the cause.
     """
 
     def __init__(self, model: ModelSpec | None = None, gate: str = "sigmoid", tau_pos: float = 1.0,
@@ -116,7 +118,7 @@ class SAPOModule(LightningModule):
                  max_grad_norm: float = 1.0, logprob_chunk_size: int = 1024, compute_entropy: bool = True,
                  rollout_correction: str = "none", correction_cap: float = 2.0,
                  activation_checkpointing: bool = False, padding_free: bool = True,
-                 pack_row_tokens: int = 1024) -> None:
+                 pack_row_tokens: int = 1024, max_skipped_steps: int = 3) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.spec = model or ModelSpec()
@@ -131,6 +133,8 @@ class SAPOModule(LightningModule):
             raise ValueError(f"model.rollout_correction: unknown {rollout_correction!r}; use one of {list(CORRECTION_MODES)}")
         if ppo_epochs < 1 or num_minibatches < 1:
             raise ValueError("model.ppo_epochs and model.num_minibatches: must be >= 1")
+        if max_skipped_steps < 1:
+            raise ValueError(f"model.max_skipped_steps: must be >= 1, got {max_skipped_steps}")
         if pack_row_tokens < 1:
             raise ValueError(f"model.pack_row_tokens: must be >= 1, got {pack_row_tokens}")
         self.optim = optimizer or OptimizerSettings()
@@ -143,6 +147,8 @@ class SAPOModule(LightningModule):
             check_model_spec(self.reference_spec, "model.reference")
         self.automatic_optimization = False
         self.weight_version = 0
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
+        self._skipped_in_a_row = 0
         self.policy = None
         self.reference = None
         self.tokenizer = None
@@ -316,7 +322,19 @@ class SAPOModule(LightningModule):
         max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
         params = [p for p in self.policy.parameters() if p.grad is not None]
         total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
+        norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # global: all ranks agree
+        if not math.isfinite(norm):
+            # a non-finite loss or gradient: drop the gradients, so AdamW's step leaves weights and moments as
+            # they are (it skips parameters without .grad) while the step and lr counters still advance
+            opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row >= self.hparams.max_skipped_steps and not self.trainer.should_stop:
+                self.print(f"lit-sapo: stopping: {self._skipped_in_a_row} optimizer steps in a row had a non-finite "
+                           f"gradient norm ({norm}); lower model.optimizer.lr or check the reward/advantages")
+                self.trainer.should_stop = True
+        else:
+            self._skipped_in_a_row = 0
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -374,7 +392,9 @@ class SAPOModule(LightningModule):
 
     def _log_step(self, batch: RolloutBatch, grad_norms: list[float]) -> None:
         out = self.train_metrics()
-        out["train/grad_norm"] = torch.tensor(sum(grad_norms) / max(len(grad_norms), 1))
+        applied = [n for n in grad_norms if math.isfinite(n)]
+        out["train/grad_norm"] = torch.tensor(sum(applied) / len(applied) if applied else math.nan)
+        out["train/skipped_steps"] = torch.tensor(float(self.skipped_steps))
         out["train/lr"] = torch.tensor(self.lr_schedulers().get_last_lr()[0])
         self.log_dict(out, on_step=True, batch_size=batch.size)
         sums = {k for k in batch.metrics if k.startswith("grading/")}
@@ -401,10 +421,15 @@ class SAPOModule(LightningModule):
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lit_sapo"] = {"weight_version": self.weight_version}
+        for name, value in checkpoint.get("state_dict", {}).items():
+            local = value.to_local() if hasattr(value, "to_local") else value
+            if torch.is_tensor(local) and local.is_floating_point() and not torch.isfinite(local).all():
+                raise RuntimeError(f"lit-sapo: refusing to save a checkpoint with non-finite weights ({name})")
+        checkpoint["lit_sapo"] = {"weight_version": self.weight_version, "skipped_steps": self.skipped_steps}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.weight_version = int(checkpoint.get("lit_sapo", {}).get("weight_version", 0))
+        self.skipped_steps = int(checkpoint.get("lit_sapo", {}).get("skipped_steps", 0))
 
 
 def lr_factor(step: int, o: OptimizerSettings, total: int) -> float:
