@@ -363,6 +363,10 @@ class RewardResult:
     errors: int = 0
 
 
+class RewardCountError(ValueError):
+    """A reward function returned a different number of scores than completions."""
+
+
 class RewardSet:
     """Several named reward functions and their weights (default 1.0 each); the total is the weighted sum.
 
@@ -370,8 +374,9 @@ class RewardSet:
     means "the key is the spec, the value its weight" (``{"accuracy": 1.0, "format": 0.1}``). ``timeout_s`` and
     ``workers`` configure a built-in "accuracy" given by name. Math accuracy grades in worker processes (see
     :class:`MathAccuracy`); every other reward function, user ones included, runs in-process: one that raises or
-    returns the wrong number of scores or a non-finite score scores 0 on the whole batch, each of its completions
-    counts as an error, a warning is logged once per function, and training goes on. A function with a ``grade``
+    returns a non-finite score scores 0 on the whole batch, each of its completions counts as an error, a warning
+    is logged once per function, and training goes on. One that returns the wrong number of scores is a bug in
+    the function: :class:`RewardCountError` stops the run, naming the function, the counts and the batch. A function with a ``grade``
     method returning :class:`RewardScores` reports its own timeouts and errors.
     """
 
@@ -408,10 +413,17 @@ class RewardSet:
             else:
                 scores = RewardScores(values=[float(v) for v in fn(completions, answers, prompts)])
             if len(scores.values) != len(completions):
-                raise ValueError(f"returned {len(scores.values)} scores for {len(completions)} completions")
+                # a bug in the reward, not a bad completion: scoring 0 would silently train on nothing
+                first = (prompts[0] if prompts else "")[-80:].replace("\n", " ")
+                raise RewardCountError(f"reward {name!r} ({getattr(fn, '__qualname__', type(fn).__qualname__)}) "
+                                       f"returned {len(scores.values)} scores for {len(completions)} completions "
+                                       f"(batch of {len(set(prompts))} prompts, first ends {first!r}); it must "
+                                       "return one score per completion")
             if not all(math.isfinite(v) for v in scores.values):
                 raise ValueError("returned a non-finite score")
             return scores
+        except RewardCountError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a broken reward must not stop training
             if name not in self._warned:
                 self._warned.add(name)

@@ -268,3 +268,15 @@ def test_reward_set_checks():
         RewardSet({"format": "format"}, weights={"accuracy": 1.0})
     with pytest.raises(ValueError, match="2 completions, 1 answers"):
         RewardSet({"format": "format"})(["a", "b"], ["1"], ["p", "p"])
+
+
+def short_reward(completions, answers, prompts):
+    return [1.0] * (len(completions) - 1)
+
+
+def test_a_reward_with_the_wrong_number_of_scores_is_an_error_naming_it():
+    from lit_sapo.rewards import RewardCountError
+
+    rs = RewardSet({"short": short_reward}, workers=0)
+    with pytest.raises(RewardCountError, match=r"reward 'short' \(short_reward\) returned 2 scores for 3 completions"):
+        rs(["a", "b", "c"], ["1", "1", "1"], ["p", "p", "q"])
