@@ -16,6 +16,7 @@ LoRA policies are exported merged (W + scale * B @ A): the folder is a plain mod
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -96,7 +97,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, model: ModelS
     sharded = path.is_dir()
     if sharded and not (path / _METADATA).exists():
         raise ValueError(f"{path} is a directory but not a sharded Lightning checkpoint (no {_METADATA})")
-    meta = torch.load(path / _METADATA if sharded else path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint is data; a crafted pickle must not run code here
+    try:
+        meta = torch.load(path / _METADATA if sharded else path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a plain-data checkpoint, refusing to unpickle it ({first})") from None
     spec = ModelSpec(name=model) if isinstance(model, str) else model or _spec_from_hparams(meta)
     policy = load_policy(spec)
     local = {f"policy.{k}": v for k, v in policy.state_dict().items()}

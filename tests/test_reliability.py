@@ -56,3 +56,21 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="non-finite weights"):
         result.trainer.save_checkpoint(tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists()
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this writes a file: code execution
+        return (open, (self.marker, "w"))
+
+
+def test_export_refuses_a_checkpoint_with_a_pickle_payload(tmp_path):
+    from lit_sapo.export import export_checkpoint
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "evil": _Payload(str(marker))}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        export_checkpoint(tmp_path / "evil.ckpt", tmp_path / "out", model="tiny-random-llama")
+    assert not marker.exists()
