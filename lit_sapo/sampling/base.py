@@ -15,7 +15,8 @@ class Generation:
     completion_ids: list[list[int]]
     """Token ids of each completion, ending with the stop token when it stopped."""
     logprobs: list[list[float]]
-    """Sampler log-prob of each completion token (after temperature; top-p/top-k may differ from the trainer)."""
+    """Sampler log-prob of each completion token under the distribution it sampled from (after temperature,
+    top-k, top-p; the trainer scores with temperature only, so the two differ where top-k/top-p cut)."""
     finish_reasons: list[str]
     """'stop' (end-of-sequence or stop token) or 'length' (hit max_new_tokens)."""
     weight_version: int
@@ -30,8 +31,12 @@ class Sampler(Protocol):
     max_new_tokens: int
     weight_version: int
 
-    def setup(self, policy: nn.Module, tokenizer, model_source: str) -> None:
-        """Bind to the trainer's policy (HF: generate with it; vLLM: build an engine from `model_source`)."""
+    def setup(self, policy: nn.Module, tokenizer, model_source: str, *, max_prompt_length: int | None = None,
+              max_batch_size: int | None = None) -> None:
+        """Bind to the trainer's policy (HF: generate with it; vLLM: build an engine from `model_source`).
+
+        `max_prompt_length` (tokens) and `max_batch_size` (sequences per generate call) bound what the caller
+        will ask for; vLLM sizes its context length and memory from them (None = unknown)."""
 
     def generate(self, prompt_ids: list[list[int]], num_generations: int, *, seed: int,
                  temperature: float | None = None, max_new_tokens: int | None = None) -> Generation:
@@ -54,3 +59,15 @@ def check_sampling_args(temperature: float, top_p: float, top_k: int, max_new_to
         raise ValueError(f"data.sampler.top_k: must be >= 0 (0 = off), got {top_k}")
     if max_new_tokens < 1:
         raise ValueError(f"data.sampler.max_new_tokens: must be >= 1, got {max_new_tokens}")
+
+
+def stop_token_ids(tokenizer, policy: nn.Module | None = None) -> list[int]:
+    """Ids that end a completion: the tokenizer's eos plus every id in the model's `generation_config.eos_token_id`
+    (an int or a list: Qwen2.5 lists <|im_end|> and <|endoftext|>)."""
+    ids: list[int] = []
+    config = getattr(policy, "generation_config", None) if policy is not None else None
+    for value in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for token in [value] if isinstance(value, int) else list(value or []):
+            if token not in ids:
+                ids.append(int(token))
+    return ids
