@@ -91,6 +91,37 @@ def test_weight_names_map_to_hf_checkpoint_names():
     assert torch.equal(weights[0][1], tied.weight) and not weights[0][1].requires_grad
 
 
+def test_request_params_spell_out_the_samplers_settings_and_every_eos_id():
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install lit-sapo[cpu] or lit-sapo[vllm])")
+    from lit_sapo.models import ModelSpec, load_policy, load_tokenizer
+    from lit_sapo.sampling.base import stop_token_ids
+
+    spec = ModelSpec(name="tiny-random-llama")
+    policy, tokenizer = load_policy(spec), load_tokenizer(spec)
+    policy.generation_config.update(do_sample=True, repetition_penalty=1.3, top_k=5, min_new_tokens=4,
+                                    eos_token_id=[tokenizer.eos_token_id, 7])  # Qwen2.5 lists two eos ids
+    sampler = VLLMSampler(top_p=0.9, max_new_tokens=9)
+    sampler.stop_ids = stop_token_ids(tokenizer, policy)  # what setup() sets, without starting an engine
+    assert sampler.stop_ids == [tokenizer.eos_token_id, 7]
+    sampled = sampler.request_params(2, 3, seed=1, temperature=0.7, max_new_tokens=9)
+    greedy = sampler.request_params(2, 3, seed=1, temperature=0.0, max_new_tokens=9)
+    assert [p.n for p in sampled + greedy] == [3, 3, 1, 1] and sampled[0].seed != sampled[1].seed
+    for params in sampled + greedy:
+        assert (params.repetition_penalty, params.presence_penalty, params.frequency_penalty) == (1.0, 0.0, 0.0)
+        assert (params.min_tokens, params.min_p) == (0, 0.0) and params.top_k in (0, -1)  # top-k off
+        assert params.stop_token_ids == [tokenizer.eos_token_id, 7] and not params.ignore_eos
+        assert params.max_tokens == 9 and params.logprobs == 0
+    assert (sampled[0].temperature, sampled[0].top_p, greedy[0].temperature) == (0.7, 0.9, 0.0)
+
+
+@pytest.mark.slow
+def test_setup_stops_at_the_tokenizer_eos_and_every_eos_id_of_the_model(env):
+    from lit_sapo.sampling.base import stop_token_ids
+
+    sampler, policy, _, tokenizer = env
+    assert sampler.stop_ids == stop_token_ids(tokenizer, policy) and tokenizer.eos_token_id in sampler.stop_ids
+
+
 @pytest.mark.slow
 def test_generate_groups_logprobs_and_seeds(env):
     sampler, policy, head, tokenizer = env

