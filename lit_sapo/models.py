@@ -36,7 +36,7 @@ class LoraSettings:
     alpha: int = 32
     """Scaling numerator (scale = alpha / r)."""
     dropout: float = 0.0
-    """Dropout on the adapter input."""
+    """Dropout on the adapter input. No effect: load_policy turns every dropout off (see `disable_dropout`)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Names of the linear layers that get adapters."""
 
@@ -237,7 +237,29 @@ def load_policy(spec: ModelSpec) -> nn.Module:
         lora = spec.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    disable_dropout(model)
     return model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (as TRL's `disable_dropout`): old and new log-probs are scored in train mode, and
+    dropout there would make the ratio differ from 1 on-policy. Zeroes nn.Dropout (LoRA's too), the float
+    `*dropout*` attributes attention layers read at forward time, and the matching config fields."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    configs = [config, config.get_text_config()] if config is not None else []
+    for cfg in configs:
+        for name, value in cfg.to_dict().items():
+            if ("dropout" in name or name.endswith("pdrop")) and isinstance(value, float):
+                setattr(cfg, name, 0.0)
+    for peft_config in getattr(model, "peft_config", {}).values():  # what a saved adapter records
+        if hasattr(peft_config, "lora_dropout"):
+            peft_config.lora_dropout = 0.0
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
