@@ -6,5 +6,7 @@ Use them from YAML: ``trainer.callbacks: [{class_path: lit_sapo.callbacks.Entrop
 from lit_sapo.callbacks.evaluation import BenchmarkEvaluation
 from lit_sapo.callbacks.monitors import EntropyMonitor, ImportanceRatioMonitor
 from lit_sapo.callbacks.samples import RolloutSamples
+from lit_sapo.callbacks.progress import RolloutProgressBar
+from lit_sapo.callbacks.summary import RunSummary
 
-__all__ = ["BenchmarkEvaluation", "EntropyMonitor", "ImportanceRatioMonitor", "RolloutSamples"]
+__all__ = ["BenchmarkEvaluation", "EntropyMonitor", "ImportanceRatioMonitor", "RolloutSamples", "RolloutProgressBar", "RunSummary"]

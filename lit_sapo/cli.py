@@ -8,6 +8,7 @@ A bad setting stops the run with one line naming it, before any model is loaded.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -19,7 +20,37 @@ from lit_sapo.module import SAPOModule
 from lit_sapo.rollout import RolloutDataModule
 
 
+class _DropMessages(logging.Filter):
+    """Drops Lightning's start-up lines that say nothing about a rollout run (exact message prefixes only)."""
+
+    PREFIXES = ("GPU available: ", "TPU available: ", "💡 Tip: For seamless cloud logging")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in log.filters):
+            log.addFilter(_DropMessages())
+    # Lightning's own pytree helper calls a torch API that torch deprecated; nothing a user can change
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 class SAPOCLI(LightningCLI):
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # the console: a bar over rollouts (unless the bar is off) and a summary at the end, unless the config has them
+        from lit_sapo.callbacks import RolloutProgressBar, RunSummary
+
+        mine = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(
+                type(c).__name__.endswith("ProgressBar") for c in mine):
+            callbacks = [*callbacks, RolloutProgressBar()]
+        if not any(isinstance(c, RunSummary) for c in mine):
+            callbacks = [*callbacks, RunSummary()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_classes(self) -> None:
         # settings are checked in the constructors (cheap); turn their ValueError into one line, no traceback
         try:
@@ -48,6 +79,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> Lightn
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
     # `${model.model.name}` in a config means the same key of the merged config, under any subcommand
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    _quiet_lightning()
     return SAPOCLI(
         SAPOModule, RolloutDataModule,
         parser_kwargs={"parser_mode": "omegaconf+"},  # interpolations resolve on the merged config
@@ -57,7 +89,8 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> Lightn
         args=args,
         auto_configure_optimizers=False,
         # validate/test under FSDP2 + NCCL would run in torch.inference_mode, which FSDP2 unsharding did not support
-        trainer_defaults={"inference_mode": False, **({"callbacks": list(callbacks)} if callbacks else {})},
+        # the model summary lists internal metric modules: off unless asked for
+        trainer_defaults={"inference_mode": False, "enable_model_summary": False, **({"callbacks": list(callbacks)} if callbacks else {})},
     )
 
 

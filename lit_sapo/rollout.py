@@ -164,6 +164,7 @@ class RolloutDataModule(LightningDataModule):
         self.val_batch_size = val_batch_size
         self.val_temperature = val_temperature
         self.rollouts_consumed = 0
+        self.phase = ""  # sampling | grading | updating while a rollout runs
         self._sampler_bound_to = None  # the policy the sampler was set up with
         self.tokenizer = None
         self.prompt_source = None
@@ -249,7 +250,11 @@ class RolloutDataModule(LightningDataModule):
     def ensure_synced(self, module) -> None:
         """Push the module's weights to the sampler if it is behind (lazy: right before it samples)."""
         if self._sampler_bound_to is not module.policy:
-            self.sampler.setup(module.policy, module.tokenizer, module.model_source)
+            # the longest rollout or validation call this module makes: vLLM sizes its context and memory to it
+            self.sampler.setup(module.policy, module.tokenizer, module.model_source,
+                               max_prompt_length=self.max_prompt_length,
+                               max_batch_size=max(self.prompts_per_step * self.num_generations,
+                                                  self.val_batch_size if self.val_sources else 0))
             self._sampler_bound_to = module.policy
             # a fresh engine holds the weights on disk, not the policy's (resumed, or trained before a re-setup)
             self.sampler.sync_weights(module.policy, module.weight_version)
@@ -264,7 +269,15 @@ class RolloutDataModule(LightningDataModule):
                              instruction=self.instruction if self.instruction is not None else example.instruction)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _set_phase(self, phase: str) -> None:
+        """What the rollout is doing now (read by the console bar: lit_sapo.callbacks.RolloutProgressBar)."""
+        self.phase = phase
+        bar = getattr(self.trainer, "progress_bar_callback", None) if self.trainer is not None else None
+        if hasattr(bar, "show_phase"):
+            bar.show_phase(phase)
+
     def make_rollout(self, batch: PromptBatch, module) -> RolloutBatch:
+        self._set_phase("sampling")
         self.ensure_synced(module)
         rank, world = _rank_world()
         tok, G = self.tokenizer, self.num_generations
@@ -275,6 +288,7 @@ class RolloutDataModule(LightningDataModule):
         completions = tok.batch_decode(gen.completion_ids, skip_special_tokens=True)
         prompts = [tok.decode(p) for p in prompt_ids for _ in range(G)]
         answers = [ex.answer for ex in batch.examples for _ in range(G)]
+        self._set_phase("grading")
         graded = self.reward_set(completions, answers, prompts)
         t2 = time.perf_counter()
         rewards = torch.tensor(graded.total, dtype=torch.float32).view(len(prompt_ids), G)
@@ -308,6 +322,7 @@ class RolloutDataModule(LightningDataModule):
         for name, values in graded.per_function.items():
             metrics[f"reward/{name}"] = sum(values) / max(len(values), 1)
         self.rollouts_consumed = batch.rollout_index + 1
+        self._set_phase("updating")  # the module's inner updates come next
         return RolloutBatch(
             rollout_index=batch.rollout_index, weight_version=gen.weight_version,
             temperature=self.sampler.temperature, prompt_ids=prompt_t.to(device), prompt_mask=prompt_m.to(device),
