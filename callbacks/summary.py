@@ -39,9 +39,10 @@ class RunSummary(Callback):
             self.rewards.append(float(metrics["reward/mean"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        # trainer.log_dir broadcasts from rank 0 under multi-process strategies: every rank must call it
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
         wall = time.perf_counter() - (self.start or time.perf_counter())
         rollouts = int(getattr(trainer.datamodule, "rollouts_consumed", len(self.rewards)))
         lines = [f"lit-sapo: {rollouts} rollouts ({trainer.global_step} optimizer steps) in {_duration(wall)}"]
