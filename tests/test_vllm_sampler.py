@@ -183,3 +183,150 @@ def test_sync_weights_after_an_update_matches_the_trainer(env):
     assert (engine_after - after).abs().max() < TOL
     assert (engine_after - engine_before).abs().max() > 0.05
     assert sampler.generate([prompt], 2, seed=0).weight_version == 1
+
+
+def test_engine_defaults_resolve_from_the_rollout():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        policy = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    settings = VLLMSampler(max_new_tokens=32).resolve_engine_settings(policy, max_prompt_length=100,
+                                                                       max_batch_size=16)
+    assert settings["max_model_len"] == 132  # max prompt + max completion, not the model's 2048
+    assert settings["enforce_eager"] is (not torch.cuda.is_available())  # CUDA graphs on GPU
+    assert settings["sleep_level"] == (2 if torch.cuda.is_available() else 0)
+    assert 0 < settings["gpu_memory_utilization"] < 0.5
+    explicit = VLLMSampler(gpu_memory_utilization=0.42, max_model_len=77, enforce_eager=True)
+    settings = explicit.resolve_engine_settings(policy, 100, 16)
+    assert (settings["gpu_memory_utilization"], settings["max_model_len"], settings["enforce_eager"]) == (0.42, 77, True)
+    for bad in (dict(sleep_level=3), dict(gpu_memory_utilization=1.5), dict(dtype="auto")):
+        with pytest.raises(ValueError, match="data.sampler."):
+            VLLMSampler(**bad)
+
+
+def test_weight_sync_casts_shards_before_gathering():
+    """Under a 1-rank FSDP2 mesh the parameters are DTensors: each comes out full, in the engine dtype."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    if not dist.is_available():
+        pytest.skip("torch without distributed")
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        reference = {k: v.clone() for k, v in model.state_dict().items()}
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert isinstance(model[0].weight, DTensor)
+        cast = []
+        original_to = DTensor.to
+
+        def recording_to(self, *args, **kwargs):  # records that the cast happens on the DTensor (the shard)
+            cast.append(args)
+            return original_to(self, *args, **kwargs)
+
+        DTensor.to = recording_to
+        try:
+            weights = list(iter_full_weights(model, torch.bfloat16))
+        finally:
+            DTensor.to = original_to
+        assert [name for name, _ in weights] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+        assert len(cast) == 4 and all(args == (torch.bfloat16,) for args in cast)
+        for name, tensor in weights:
+            assert type(tensor) is torch.Tensor and tensor.dtype == torch.bfloat16
+            assert torch.equal(tensor, reference[name].to(torch.bfloat16))
+        assert all(t.dtype == torch.float32 for _, t in iter_full_weights(model))  # no dtype: as stored
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- 2 processes: a short `lit-sapo fit` with the vLLM sampler, under Lightning's launcher and under torchrun ----
+
+FIT_OVERLAY = """
+trainer:
+  max_steps: 6          # 3 rollouts x 2 minibatches
+  default_root_dir: {root}
+  enable_progress_bar: false
+  enable_model_summary: false
+  enable_checkpointing: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {root}, name: logs}}
+  callbacks:
+    - class_path: vllm_probe.VLLMSyncProbe
+      init_args: {{path: {root}/probe}}
+model:
+  model: {{name: {model}}}
+  optimizer: {{lr: 1.0e-3, warmup_steps: 0}}
+data:
+  rewards: {{dist_helpers.char_reward: 1.0}}
+  sampler:
+    class_path: lit_sapo.sampling.vllm.VLLMSampler
+    init_args: {{max_new_tokens: 8}}
+"""
+
+
+def _subprocess_env() -> dict:
+    import os
+
+    drop = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+            "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("TORCHELASTIC", "PL_"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1",
+               PYTHONPATH=os.pathsep.join([str(SCRIPTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SCRIPTS = __import__("pathlib").Path(__file__).resolve().parent / "scripts"
+ROOT = SCRIPTS.parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    import sys
+
+    sys.path.insert(0, str(SCRIPTS))
+    from vllm_probe import write_tiny_folder
+
+    return write_tiny_folder(str(tmp_path_factory.mktemp("tiny32") / "model"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_two_process_fit_samples_syncs_and_matches_the_trainer(launcher, tiny_folder, tmp_path):
+    """KeyError 'RANK' before the fix (Lightning's launcher sets no RANK); ~45 s each on 2 cores."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "overlay.yaml").write_text(FIT_OVERLAY.format(root=tmp_path, model=tiny_folder))
+    fit = ["-m", "lit_sapo.cli", "fit", "--config", "configs/cpu-2proc-fsdp.yaml", "--config",
+           str(tmp_path / "overlay.yaml")]
+    if launcher == "torchrun":
+        fit = ["-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}", *fit]
+    log = tmp_path / "fit.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, *fit], cwd=ROOT, env=_subprocess_env(), stdout=f,
+                              stderr=subprocess.STDOUT, timeout=240)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    for rank in (0, 1):
+        rows = json.loads((tmp_path / "probe" / f"rank{rank}.json").read_text())
+        assert [r["rollout"] for r in rows] == [0, 1, 2]
+        for r in rows:  # every rollout sampled by the engine right after a sync of the trainer's weights
+            assert r["batch_version"] == r["module_version"] == r["sampler_version"] == r["rollout"]
+            assert r["tokens"] > 0 and r["rollout_max_diff"] < TOL
+            assert max(abs(a - b) for a, b in zip(r["probe_trainer"], r["probe_engine"])) < TOL
+            assert r["engine_settings"]["max_model_len"] == 1024 + 8  # data.max_prompt_length + max_new_tokens
+        moved = max(abs(a - b) for a, b in zip(rows[0]["probe_trainer"], rows[-1]["probe_trainer"]))
+        assert moved > 0.03, "degenerate test: the weights barely moved, a stale engine would pass too"
