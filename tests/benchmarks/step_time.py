@@ -1,6 +1,6 @@
 """Seconds per rollout step, lit_sapo vs TRL's GRPOTrainer (loss_type="sapo") on the same work, in one run.
 
-Work (ENVIRONMENT.md's TRL figure): SmolLM2-135M-Instruct, fp32 on CPU, 2 prompts x 4 completions, 32 new tokens,
+Work (the TRL comparison of docs and README): SmolLM2-135M-Instruct, fp32 on CPU, 2 prompts x 4 completions, 32 new tokens,
 HF generation, one update per rollout, tau 1.0 / 1.05, no KL. Prompts: "What is a+b?" (a, b in 2..9).
 lit_sapo's step is split into generation, grading and update; the update's FLOP/s (6 * params * tokens / time) is
 compared with a fp32 GEMM measured in the same run; `update_tokens` counts the tokens the padding-free update
