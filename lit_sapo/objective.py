@@ -131,8 +131,9 @@ class LossSettings:
         _check_aggregation(self.aggregation, self.norm_length)
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator: unknown value {self.kl_estimator!r}; valid: {', '.join(KL_ESTIMATORS)}")
-        if not self.tau_pos > 0 or not self.tau_neg > 0:
-            raise ValueError(f"tau_pos/tau_neg: must be > 0, got tau_pos={self.tau_pos}, tau_neg={self.tau_neg}")
+        for name in ("tau_pos", "tau_neg"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: gate temperature must be > 0, got {getattr(self, name)}")
         if not self.max_log_ratio > 0:
             raise ValueError(f"max_log_ratio: must be > 0, got {self.max_log_ratio}")
         if not self.kl_coef >= 0:

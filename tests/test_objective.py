@@ -324,7 +324,7 @@ def test_terms_hold_per_token_detached_tensors():
         ({"aggregation": "mean"}, "aggregation"),
         ({"kl_estimator": "k4"}, "kl_estimator"),
         ({"tau_pos": 0.0}, "tau_pos"),
-        ({"tau_neg": -1.0}, "tau_pos/tau_neg"),
+        ({"tau_neg": -1.0}, "tau_neg"),
         ({"aggregation": "seq-mean-token-sum-norm"}, "norm_length"),
         ({"kl_coef": 0.1}, "kl_coef"),
         ({"gate": "sigmod"}, "gate"),
