@@ -214,7 +214,10 @@ def test_weight_sync_casts_shards_before_gathering():
 
     if not dist.is_available():
         pytest.skip("torch without distributed")
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    # an earlier test in this process may have left a 1-rank group up: use it, and tear down only our own
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     try:
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
         reference = {k: v.clone() for k, v in model.state_dict().items()}
@@ -239,7 +242,8 @@ def test_weight_sync_casts_shards_before_gathering():
             assert torch.equal(tensor, reference[name].to(torch.bfloat16))
         assert all(t.dtype == torch.float32 for _, t in iter_full_weights(model))  # no dtype: as stored
     finally:
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
 
 
 # ---- 2 processes: a short `lit-sapo fit` with the vLLM sampler, under Lightning's launcher and under torchrun ----
