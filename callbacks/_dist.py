@@ -17,6 +17,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def shard(n: int, rank: int, world_size: int) -> list[int]:
+    """Item indices of `rank`: rank, rank + W, ... padded with -1 so every rank has ceil(n / W) of them.
+
+    Equal lengths keep the ranks in lockstep (FSDP generation all-gathers weights in every forward pass), and
+    no item is dropped: a -1 is generated for (on item 0) but not counted.
+    """
+    per_rank = -(-n // world_size)
+    return [i if (i := rank + world_size * j) < n else -1 for j in range(per_rank)]
+
+
 def _comm_device(device: torch.device | str | None) -> torch.device:
     # NCCL only moves CUDA tensors; gloo takes CPU ones
     if dist.is_initialized() and dist.get_backend() == "nccl":

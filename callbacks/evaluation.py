@@ -12,21 +12,13 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_sapo.callbacks._dist import all_reduce, gather_objects, world
+from lit_sapo.callbacks._dist import all_reduce, gather_objects, shard, world
 from lit_sapo.rewards import MathAccuracy, extract_answer
 from lit_sapo.tasks import PRESETS, PromptSource, load_prompts
 
 # Training reads the gsm8k preset's train split; a benchmark is its test split. (A local path ignores splits.)
 EVAL_SPLITS = {"gsm8k": "test"}
 
-
-def shard(n: int, rank: int, world_size: int) -> list[int]:
-    """Problem indices of `rank`: rank, rank + W, ... padded with -1 so every rank has ceil(n / W) of them.
-
-    Equal lengths keep the ranks in lockstep: FSDP generation all-gathers weights in every forward pass.
-    """
-    per_rank = math.ceil(n / world_size)
-    return [i if (i := rank + world_size * j) < n else -1 for j in range(per_rank)]
 
 
 def majority_answer(answers: list[str | None]) -> str | None:
@@ -89,7 +81,7 @@ def summarize(rows: list[dict], *, n_samples: int | None = None, sync: bool = Tr
 
 def generate_and_grade(examples: list, indices: list[int], sampler, tokenizer, prompt_ids, grader, *,
                        n_samples: int, temperature: float | None, max_new_tokens: int | None, batch_size: int,
-                       seed: int, rank: int = 0) -> list[dict]:
+                       seed: int, rank: int = 0, top_p: float | None = None) -> list[dict]:
     """Sample `n_samples` completions for `examples[i]`, i in `indices` (-1 = padding: generated, not kept), and
     grade them: one row per problem, the rows of the per-problem JSONL. Shared by BenchmarkEvaluation and
     `lit-sapo eval`, so their files agree by construction.
@@ -102,7 +94,7 @@ def generate_and_grade(examples: list, indices: list[int], sampler, tokenizer, p
     for b, start in enumerate(range(0, len(indices), batch_size)):
         chunk = [examples[max(i, 0)] for i in indices[start:start + batch_size]]
         gen = sampler.generate([prompt_ids(ex) for ex in chunk], k, seed=seed + 100_003 * b + rank,
-                               temperature=temperature, max_new_tokens=max_new_tokens)
+                               temperature=temperature, max_new_tokens=max_new_tokens, top_p=top_p)
         texts += tokenizer.batch_decode(gen.completion_ids, skip_special_tokens=True)
     rows, to_grade, golds = [], [], []
     for j, i in enumerate(indices):
@@ -174,6 +166,7 @@ class BenchmarkEvaluation(Callback):
         benchmarks: preset names (gsm8k, math500, aime24, aime25) or names given in `paths`.
         n_samples: completions per problem (k).
         temperature: sampling temperature of the evaluation (0 = greedy).
+        top_p: nucleus mass of the evaluation (None = the run's sampler's own; the R1 protocol uses 0.95).
         max_new_tokens: completion length cap of the evaluation.
         limit: keep the first `limit` problems of each benchmark (None = all).
         output_dir: folder of the eval/ JSONL files (None = trainer.log_dir).
@@ -184,11 +177,14 @@ class BenchmarkEvaluation(Callback):
     """
 
     def __init__(self, every_n_steps: int = 50, benchmarks: tuple[str, ...] | list[str] = ("gsm8k",),
-                 n_samples: int = 1, temperature: float = 0.7, max_new_tokens: int = 512, limit: int | None = None,
+                 n_samples: int = 1, temperature: float = 0.7, top_p: float | None = None,
+                 max_new_tokens: int = 512, limit: int | None = None,
                  output_dir: str | None = None, paths: dict[str, str] | None = None,
                  sources: list[PromptSource] | None = None, batch_size: int = 64, seed: int = 1234) -> None:
         if every_n_steps < 0 or n_samples < 1 or max_new_tokens < 1 or batch_size < 1:
             raise ValueError("BenchmarkEvaluation: every_n_steps >= 0, n_samples, max_new_tokens, batch_size >= 1")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"BenchmarkEvaluation.top_p: must be in (0, 1] or None (the sampler's own), got {top_p}")
         if limit is not None and limit < 1:
             raise ValueError(f"BenchmarkEvaluation.limit: must be >= 1 or None, got {limit}")
         self.paths = dict(paths or {})
@@ -203,7 +199,7 @@ class BenchmarkEvaluation(Callback):
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(f"BenchmarkEvaluation: benchmark names must be unique, got {names}")
-        self.every_n_steps, self.n_samples, self.temperature = every_n_steps, n_samples, temperature
+        self.every_n_steps, self.n_samples, self.temperature, self.top_p = every_n_steps, n_samples, temperature, top_p
         self.max_new_tokens, self.limit, self.output_dir = max_new_tokens, limit, output_dir
         self.batch_size, self.seed = batch_size, seed
         self._examples: dict[str, list] = {}
@@ -283,7 +279,7 @@ class BenchmarkEvaluation(Callback):
         return generate_and_grade(
             examples, shard(len(examples), rank, world_size), dm.sampler, dm.tokenizer,
             lambda ex: dm.prompt_token_ids(ex)[-dm.max_prompt_length:],  # training's rendering
-            self._grader(dm), n_samples=self.n_samples, temperature=self.temperature,
+            self._grader(dm), n_samples=self.n_samples, temperature=self.temperature, top_p=self.top_p,
             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=self.seed, rank=rank)
 
     def _write(self, name: str, version: int, rows: list[dict]) -> None:

@@ -69,8 +69,10 @@ class SAPOCLI(LightningCLI):
             raise SystemExit(2) from None
 
 
-def main(args: list[str] | None = None, callbacks: list | None = None) -> LightningCLI:
-    """Run the CLI; `callbacks` (Python objects) are added to those of the config, e.g. by benchmarks."""
+def main(args: list[str] | None = None, callbacks: list | None = None, run: bool = True) -> LightningCLI:
+    """Run the CLI; `callbacks` (Python objects) are added to those of the config, e.g. by benchmarks.
+
+    `run=False`: parse and instantiate only (no subcommand in `args`), as `lit-sapo probe` does."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # without data.val_sources there is deliberately no validation data; Lightning would warn on every fit
     warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
@@ -87,6 +89,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None) -> Lightn
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         args=args,
+        run=run,
         auto_configure_optimizers=False,
         # validate/test under FSDP2 + NCCL would run in torch.inference_mode, which FSDP2 unsharding did not support
         # the model summary lists internal metric modules: off unless asked for
@@ -100,6 +103,7 @@ TOOLS = {
     "sweep": "lit_sapo.study.sweep",
     "plot": "lit_sapo.study.plot_cli",
     "eval": "lit_sapo.evaluate",
+    "probe": "lit_sapo.study.probe",
 }
 
 

@@ -417,7 +417,9 @@ class SAPOModule(LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # per-prompt means, weighted by prompts across batches and ranks (per-benchmark scores: BenchmarkEvaluation)
         for name, values in batch["scores"].items():
-            self.log(f"val/{name}", values.float().mean(), batch_size=len(values), sync_dist=True)
+            # a batch of padding prompts only (n < world size) weighs 0, but every rank still logs every key
+            mean = values.float().sum() / max(len(values), 1)
+            self.log(f"val/{name}", mean, batch_size=len(values), sync_dist=True)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

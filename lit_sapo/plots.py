@@ -188,3 +188,30 @@ def plot_gate_family(out_path: str | Path, taus=(1, 5, 10)) -> Path:
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+PROBE_PANELS = (("kl", "KL(pi_k || pi_0)"), ("ratio_var", "ratio variance"), ("ratio_max", "ratio max"),
+                ("eur_pos", "EUR (A > 0)"), ("eur_neg", "EUR (A < 0)"), ("entropy", "entropy"))
+
+
+def plot_probe(rows: list[dict], out_path: str | Path) -> Path:
+    """The stress probe (`lit-sapo probe`): one panel per statistic against optimizer step, one line per gate."""
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        lines[f"{row['gate']} ({row['setting']})"].append(row)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, PROBE_PANELS):
+        for label, members in lines.items():
+            ax.plot([float(m["step"]) for m in members], [float(m[key]) for m in members], label=label)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step on the same rollout")
+        ax.grid(alpha=0.3)
+        if key in ("kl", "ratio_var"):
+            ax.set_yscale("symlog", linthresh=1e-6)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

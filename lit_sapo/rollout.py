@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_sapo.advantages import ADVANTAGE_METHODS, group_advantages
+from lit_sapo.callbacks._dist import shard
 from lit_sapo.models import ModelSpec, check_model_spec, load_tokenizer
 from lit_sapo.rewards import RewardSet
 from lit_sapo.sampling import HFSampler, Sampler
@@ -29,6 +30,7 @@ class PromptBatch:
 
     rollout_index: int
     examples: list  # lit_sapo.tasks.Example
+    counted: list[bool] | None = None  # validation: False for a rank's padding prompt (generated, not scored)
 
 
 @dataclass
@@ -221,9 +223,7 @@ class RolloutDataModule(LightningDataModule):
             return []
         examples = [ex for source in self.val_sources for ex in load_prompts(source)]
         rank, world = _rank_world()
-        # equal shards: under FSDP every rank must run the same number of generate calls
-        mine = examples[: len(examples) - len(examples) % world][rank::world]
-        batches = [PromptBatch(-1, mine[i:i + self.val_batch_size]) for i in range(0, len(mine), self.val_batch_size)]
+        batches = validation_batches(examples, rank, world, self.val_batch_size)
         return DataLoader(batches, batch_size=None, num_workers=0, collate_fn=lambda x: x)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
@@ -245,6 +245,9 @@ class RolloutDataModule(LightningDataModule):
         scores = {name: torch.tensor(values) for name, values in graded.per_function.items()}
         scores["reward"] = torch.tensor(graded.total)
         scores["completion_len"] = torch.tensor([float(len(c)) for c in gen.completion_ids])
+        if batch.counted is not None:  # a padding prompt keeps the ranks in step but is not scored
+            keep = torch.tensor(batch.counted, dtype=torch.bool)
+            scores = {name: values[keep] for name, values in scores.items()}
         return {"sources": [ex.source for ex in batch.examples], "scores": scores}
 
     def ensure_synced(self, module) -> None:
@@ -331,6 +334,15 @@ class RolloutDataModule(LightningDataModule):
             rewards=rewards.reshape(-1).to(device), group_ids=torch.arange(n, device=device) // G,
             prompts=prompts, completions=completions, answers=answers,
             reward_components=graded.per_function, metrics=metrics)
+
+
+def validation_batches(examples: list, rank: int, world: int, batch_size: int) -> list[PromptBatch]:
+    """This rank's validation prompts in batches: every prompt is scored once on some rank, and every rank runs
+    the same number of equally long generate calls (FSDP all-gathers weights in each forward), padding the
+    last with prompt 0, not counted."""
+    indices = shard(len(examples), rank, world)
+    return [PromptBatch(-1, [examples[max(i, 0)] for i in chunk], [i >= 0 for i in chunk])
+            for chunk in (indices[s:s + batch_size] for s in range(0, len(indices), batch_size))]
 
 
 def _mix_seed(seed: int, rollout_index: int, rank: int) -> int:

@@ -137,3 +137,18 @@ def test_top_k_and_top_p_logprobs_are_those_of_the_processed_distribution():
         # renormalised over the kept tokens: at least as likely as under the full tempered distribution
         assert all(s >= t - 1e-6 for s, t in zip(sampled, scored.tolist()))
         assert any(s > t + 1e-4 for s, t in zip(sampled, scored.tolist()))
+
+
+def test_a_per_call_top_p_samples_as_a_sampler_built_with_it():
+    # benchmark protocols (R1: top-p 0.95) override the training sampler's top-p for one call only
+    policy, tokenizer = _setup(True)[:2]
+    trained = HFSampler(max_new_tokens=8, top_p=1.0, temperature=1.5)
+    built = HFSampler(max_new_tokens=8, top_p=0.5, temperature=1.5)
+    for s in (trained, built):
+        s.setup(policy, tokenizer)
+    a = trained.generate(PROMPTS, 4, seed=3, top_p=0.5)
+    b = built.generate(PROMPTS, 4, seed=3)
+    c = trained.generate(PROMPTS, 4, seed=3)
+    assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
+    assert a.logprobs != c.logprobs  # the override took effect, and only for that call
+    assert trained.top_p == 1.0

@@ -50,3 +50,40 @@ def test_clip_runs_take_eps_pairs_not_taus():
     specs = sweep.run_specs(["erf", "clip"], [(10.0, 12.0), (1.0, 1.05)], [(0.2, 0.28)], [0, 1])
     assert [s["name"] for s in specs if s["gate"] == "clip"] == ["clip-eps0.2_0.28-seed0", "clip-eps0.2_0.28-seed1"]
     assert len([s for s in specs if s["gate"] == "erf"]) == 4
+
+
+def _probe(out, *extra):
+    from lit_sapo.study import probe
+
+    args = ["--config", TINY, "--gates", "sigmoid,softsign,clip", "--taus", "1:1.05", "--steps", "3",
+            "--out", str(out), "--data.rewards", '{"tests.recorders.LengthReward": 1.0}',
+            "--data.num_generations", "4", "--model.optimizer.lr", "0.05", *extra]
+    assert probe.main(args) == 0
+    return list(csv.DictReader(open(out / "probe.csv")))
+
+
+def test_probe_records_each_gates_trust_region_on_one_rollout(tmp_path):
+    rows = _probe(tmp_path / "a")
+    assert [(r["gate"], int(r["step"])) for r in rows] == [(g, s) for g in ("sigmoid", "softsign", "clip")
+                                                           for s in range(4)]
+    by_gate = {g: [r for r in rows if r["gate"] == g] for g in ("sigmoid", "softsign", "clip")}
+    for gate, series in by_gate.items():
+        first = series[0]  # before any step: pi_0 itself, on-policy, every gate is plain policy gradient
+        assert float(first["kl"]) == pytest.approx(0.0, abs=1e-6)
+        assert float(first["ratio_mean"]) == pytest.approx(1.0, abs=1e-6) and float(first["eur"]) == pytest.approx(1.0)
+        kls = [float(r["kl"]) for r in series]
+        assert kls[-1] > 1e-4, gate  # the same rollout, stepped on three times, moves the policy away
+    # the gates see the same rollout and start weights, so they agree on the first step and part ways after it
+    first_step = [float(by_gate[g][1]["kl"]) for g in by_gate]  # f'(1) = 1 for all: the same first update
+    assert max(first_step) == pytest.approx(min(first_step), rel=1e-4)
+    assert by_gate["sigmoid"][-1]["kl"] != by_gate["clip"][-1]["kl"]
+    assert (tmp_path / "a" / "probe.png").stat().st_size > 10_000
+    # deterministic: a second probe writes the same numbers
+    assert _probe(tmp_path / "b") == rows
+
+
+def test_probe_refuses_a_bad_gate_before_loading_a_model(tmp_path):
+    from lit_sapo.study import probe
+
+    with pytest.raises(SystemExit, match="gate"):
+        probe.main(["--config", TINY, "--gates", "sigmoidd", "--out", str(tmp_path)])

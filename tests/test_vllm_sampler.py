@@ -112,6 +112,8 @@ def test_request_params_spell_out_the_samplers_settings_and_every_eos_id():
         assert params.stop_token_ids == [tokenizer.eos_token_id, 7] and not params.ignore_eos
         assert params.max_tokens == 9 and params.logprobs == 0
     assert (sampled[0].temperature, sampled[0].top_p, greedy[0].temperature) == (0.7, 0.9, 0.0)
+    evaluation = sampler.request_params(2, 3, seed=1, temperature=0.6, max_new_tokens=9, top_p=0.95)
+    assert evaluation[0].top_p == 0.95 and sampler.top_p == 0.9  # a benchmark protocol's per-call top-p
 
 
 @pytest.mark.slow

@@ -39,8 +39,12 @@ class Sampler(Protocol):
         will ask for; vLLM sizes its context length and memory from them (None = unknown)."""
 
     def generate(self, prompt_ids: list[list[int]], num_generations: int, *, seed: int,
-                 temperature: float | None = None, max_new_tokens: int | None = None) -> Generation:
-        """Sample `num_generations` completions for every prompt; deterministic given the weights and `seed`."""
+                 temperature: float | None = None, max_new_tokens: int | None = None,
+                 top_p: float | None = None) -> Generation:
+        """Sample `num_generations` completions for every prompt; deterministic given the weights and `seed`.
+
+        `temperature`, `max_new_tokens` and `top_p` override the sampler's own settings for this call (benchmark
+        protocols); None keeps them."""
 
     def sync_weights(self, policy: nn.Module, version: int) -> None:
         """Make the sampler generate with the policy's current weights, tagged `version`."""

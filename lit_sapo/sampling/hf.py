@@ -109,11 +109,13 @@ class HFSampler:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_generations: int, *, seed: int,
-                 temperature: float | None = None, max_new_tokens: int | None = None) -> Generation:
+                 temperature: float | None = None, max_new_tokens: int | None = None,
+                 top_p: float | None = None) -> Generation:
         if self.policy is None:
             raise RuntimeError("HFSampler.generate before setup(): the rollout stream binds the policy first")
         temperature = self.temperature if temperature is None else temperature
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        top_p = self.top_p if top_p is None else top_p
         policy = self.policy
         was_training = policy.training
         policy.eval()
@@ -126,12 +128,12 @@ class HFSampler:
                 torch.manual_seed(seed)
                 for start in range(0, len(prompt_ids), step):
                     chunk = prompt_ids[start:start + step]
-                    self._generate_chunk(chunk, num_generations, temperature, max_new_tokens, device, out)
+                    self._generate_chunk(chunk, num_generations, temperature, max_new_tokens, device, out, top_p)
         finally:
             policy.train(was_training)
         return out
 
-    def generation_settings(self, temperature: float, max_new_tokens: int):
+    def generation_settings(self, temperature: float, max_new_tokens: int, top_p: float | None = None):
         """(GenerationConfig, logits processors, log-prob recorder) of one call: this sampler's settings only.
 
         Sampling runs with temperature 1 / top-k 0 / top-p 1 in the config (so `generate` adds no warper of its
@@ -141,6 +143,7 @@ class HFSampler:
         from transformers import TopPLogitsWarper
 
         sampling = temperature > 0
+        top_p = self.top_p if top_p is None else top_p
         # neutral values spelled out although the model's config is blanked meanwhile (see blank_generation_config)
         warper_settings = dict(temperature=1.0, top_k=0, top_p=1.0) if sampling else {}
         config = GenerationConfig(
@@ -154,8 +157,8 @@ class HFSampler:
                 processors.append(TemperatureLogitsWarper(temperature))
             if self.top_k:
                 processors.append(TopKLogitsWarper(self.top_k))
-            if self.top_p < 1.0:
-                processors.append(TopPLogitsWarper(self.top_p))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
         recorder = ChosenTokenLogprobs()
         processors.append(recorder)
         return config, processors, recorder
@@ -172,12 +175,13 @@ class HFSampler:
         cache.batch_repeat_interleave(copies)
         return cache
 
-    def _generate_chunk(self, chunk, num_generations, temperature, max_new_tokens, device, out: Generation) -> None:
+    def _generate_chunk(self, chunk, num_generations, temperature, max_new_tokens, device, out: Generation,
+                        top_p: float | None = None) -> None:
         width = max(len(p) for p in chunk)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        config, processors, recorder = self.generation_settings(temperature, max_new_tokens)
+        config, processors, recorder = self.generation_settings(temperature, max_new_tokens, top_p)
         # every FSDP rank must run the same number of forward passes (they all-gather weights)
         synced_gpus = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         kwargs = {}

@@ -362,12 +362,14 @@ class VLLMSampler:
         self.weight_version = version
 
     def generate(self, prompt_ids: list[list[int]], num_generations: int, *, seed: int,
-                 temperature: float | None = None, max_new_tokens: int | None = None) -> Generation:
+                 temperature: float | None = None, max_new_tokens: int | None = None,
+                 top_p: float | None = None) -> Generation:
         adapter = self._engine_with_weights()
         temperature = self.temperature if temperature is None else temperature
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         greedy = temperature == 0
-        params = self.request_params(len(prompt_ids), num_generations, seed, temperature, max_new_tokens)
+        params = self.request_params(len(prompt_ids), num_generations, seed, temperature, max_new_tokens,
+                                     top_p=self.top_p if top_p is None else top_p)
         outputs = adapter.generate(prompt_ids, params)
         out = Generation([], [], [], self.weight_version)
         for request in outputs:
@@ -382,13 +384,13 @@ class VLLMSampler:
         return out
 
     def request_params(self, num_prompts: int, num_generations: int, seed: int, temperature: float,
-                       max_new_tokens: int) -> list:
+                       max_new_tokens: int, top_p: float | None = None) -> list:
         """One SamplingParams per prompt, every sampling field spelled out: only this sampler's settings, no
         penalty, no minimum length, whatever vLLM or the model's generation_config would default to."""
         greedy = temperature == 0
         return [_VLLMAdapter.sampling_params(
             n=1 if greedy else num_generations,  # vLLM refuses n > 1 when greedy: repeat the one completion
-            temperature=temperature, top_p=self.top_p, top_k=self.top_k or -1, min_p=0.0,
+            temperature=temperature, top_p=self.top_p if top_p is None else top_p, top_k=self.top_k or -1, min_p=0.0,
             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, min_tokens=0,
             max_tokens=max_new_tokens, ignore_eos=False, stop_token_ids=list(self.stop_ids),
             logprobs=0,  # the sampled token's log-prob only
