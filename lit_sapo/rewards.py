@@ -21,6 +21,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from lit_sapo.bounded import BoundedCaller, CallTimedOut
+
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------- answer extraction
@@ -244,6 +246,7 @@ class MathAccuracy:
     """
 
     name = "accuracy"
+    bounds_itself = True  # per-completion bound in its workers: RewardSet adds no batch bound on top
 
     def __init__(self, timeout_s: float = 1.0, workers: int = 2) -> None:
         self.timeout_s = timeout_s
@@ -378,10 +381,15 @@ class RewardSet:
     is logged once per function, and training goes on. One that returns the wrong number of scores is a bug in
     the function: :class:`RewardCountError` stops the run, naming the function, the counts and the batch. A function with a ``grade``
     method returning :class:`RewardScores` reports its own timeouts and errors.
+
+    Every function except those that bound themselves (``bounds_itself = True``, as MathAccuracy) runs under a
+    wall-clock bound of ``call_timeout_s`` per batch call (:class:`lit_sapo.bounded.BoundedCaller`): past it the
+    batch scores 0 for that function, each completion counts as a timeout, and a warning is logged once.
+    ``check`` is called while waiting and may raise to abandon the wait (the trainer's SIGTERM check).
     """
 
     def __init__(self, rewards: dict[str, Any], weights: dict[str, float] | None = None, timeout_s: float = 1.0,
-                 workers: int = 2) -> None:
+                 workers: int = 2, call_timeout_s: float = 30.0, check: Callable[[], None] | None = None) -> None:
         if not rewards:
             raise ValueError("RewardSet needs at least one reward function")
         rewards, weights = dict(rewards), dict(weights or {})
@@ -405,13 +413,19 @@ class RewardSet:
                 self.functions[short] = self.functions.pop(key)
                 self.weights[short] = self.weights.pop(key)
         self._warned: set[str] = set()
+        self.caller = BoundedCaller(call_timeout_s, check=check)
+
+    def _call(self, name: str, fn: Any, completions: list[str], answers: list[str], prompts: list[str]) -> RewardScores:
+        call = fn.grade if hasattr(fn, "grade") else fn
+        if getattr(fn, "bounds_itself", False):
+            out = call(completions, answers, prompts)
+        else:
+            out = self.caller.call(name, call, completions, answers, prompts)
+        return out if isinstance(out, RewardScores) else RewardScores(values=[float(v) for v in out])
 
     def _score(self, name: str, fn: Any, completions: list[str], answers: list[str], prompts: list[str]) -> RewardScores:
         try:
-            if hasattr(fn, "grade"):
-                scores = fn.grade(completions, answers, prompts)
-            else:
-                scores = RewardScores(values=[float(v) for v in fn(completions, answers, prompts)])
+            scores = self._call(name, fn, completions, answers, prompts)
             if len(scores.values) != len(completions):
                 # a bug in the reward, not a bad completion: scoring 0 would silently train on nothing
                 first = (prompts[0] if prompts else "")[-80:].replace("\n", " ")
@@ -424,6 +438,11 @@ class RewardSet:
             return scores
         except RewardCountError:
             raise
+        except CallTimedOut as exc:
+            if name + "/timeout" not in self._warned:
+                self._warned.add(name + "/timeout")
+                log.warning("reward %r timed out (%s): scoring 0 and counting timeouts; warned once", name, exc)
+            return RewardScores(values=[0.0] * len(completions), timeouts=len(completions))
         except Exception as exc:  # noqa: BLE001 - a broken reward must not stop training
             if name not in self._warned:
                 self._warned.add(name)

@@ -100,6 +100,9 @@ class RolloutDataModule(LightningDataModule):
         rewards: reward name or class path -> weight; the total reward is the weighted sum.
         grading_timeout: wall-clock bound in seconds for grading one completion (a timeout scores 0).
         grading_workers: grader worker processes.
+        reward_timeout: wall-clock bound in seconds on one batch call of each reward function other than the
+            built-in accuracy (user rewards included); past it the batch scores 0 for that function and every
+            completion counts in grading/timeouts.
         prompts_per_step: prompts per rollout on each rank.
         num_generations: completions per prompt (G, the group size).
         advantage: grpo (group z-score), dr_grpo (mean only) or rloo (leave-one-out).
@@ -117,7 +120,8 @@ class RolloutDataModule(LightningDataModule):
                  sources: list[PromptSource] | None = None, weights: list[float] | None = None,
                  system_prompt: str | None = None, instruction: str | None = None,
                  sampler: Sampler | None = None, rewards: dict[str, float] | None = None,
-                 grading_timeout: float = 1.0, grading_workers: int = 2, prompts_per_step: int = 8,
+                 grading_timeout: float = 1.0, grading_workers: int = 2, reward_timeout: float = 30.0,
+                 prompts_per_step: int = 8,
                  num_generations: int = 8, advantage: str = "grpo", max_prompt_length: int = 1024,
                  drop_zero_variance_groups: bool = False, mask_truncated: bool = False, seed: int = 0,
                  val_sources: list[PromptSource] | None = None, val_batch_size: int = 16,
@@ -132,6 +136,8 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.advantage: unknown method {advantage!r}; use one of {list(ADVANTAGE_METHODS)}")
         if grading_timeout <= 0:
             raise ValueError(f"data.grading_timeout: must be > 0 seconds, got {grading_timeout}")
+        if not reward_timeout > 0:
+            raise ValueError(f"data.reward_timeout: must be > 0 seconds, got {reward_timeout}")
         if weights is not None and (not sources or len(weights) != len(sources)):
             raise ValueError("data.weights: give one weight per entry of data.sources")
         check_model_spec(ModelSpec(name=tokenizer), "data.tokenizer")
@@ -150,6 +156,7 @@ class RolloutDataModule(LightningDataModule):
         self.reward_weights = dict(rewards or {"accuracy": 1.0})
         self.grading_timeout = grading_timeout
         self.grading_workers = grading_workers
+        self.reward_timeout = reward_timeout
         self.prompts_per_step = prompts_per_step
         self.num_generations = num_generations
         self.advantage = advantage
@@ -186,7 +193,8 @@ class RolloutDataModule(LightningDataModule):
             self.prompt_source = self._build_prompt_source()
         if self.reward_set is None:
             self.reward_set = RewardSet(self.reward_weights, timeout_s=self.grading_timeout,
-                                        workers=self.grading_workers)
+                                        workers=self.grading_workers, call_timeout_s=self.reward_timeout,
+                                        check=self.stop_if_terminated)
 
     def _build_prompt_source(self):
         if not self.sources:
@@ -272,6 +280,15 @@ class RolloutDataModule(LightningDataModule):
                              instruction=self.instruction if self.instruction is not None else example.instruction)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def stop_if_terminated(self) -> None:
+        """Raise Lightning's SIGTERMException once the trainer got SIGTERM: called between the phases of a
+        rollout and while waiting on a reward, so a stop request is not held up by a long rollout. The rollout is
+        not counted as consumed, so a checkpoint written on the way out resumes with it."""
+        if self.trainer is not None and self.trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            raise SIGTERMException
+
     def _set_phase(self, phase: str) -> None:
         """What the rollout is doing now (read by the console bar: lit_sapo.callbacks.RolloutProgressBar)."""
         self.phase = phase
@@ -288,12 +305,14 @@ class RolloutDataModule(LightningDataModule):
         t0 = time.perf_counter()
         gen = self.sampler.generate(prompt_ids, G, seed=_mix_seed(self.seed, batch.rollout_index, rank))
         t1 = time.perf_counter()
+        self.stop_if_terminated()
         completions = tok.batch_decode(gen.completion_ids, skip_special_tokens=True)
         prompts = [tok.decode(p) for p in prompt_ids for _ in range(G)]
         answers = [ex.answer for ex in batch.examples for _ in range(G)]
         self._set_phase("grading")
         graded = self.reward_set(completions, answers, prompts)
         t2 = time.perf_counter()
+        self.stop_if_terminated()
         rewards = torch.tensor(graded.total, dtype=torch.float32).view(len(prompt_ids), G)
         advantages, zero_std = group_advantages(rewards, method=self.advantage)
         device = module.device

@@ -1,0 +1,15 @@
+"""Faulty components the fault-injection tests load by class path (tests/test_faults.py)."""
+
+from __future__ import annotations
+
+import time
+
+
+class SleepingReward:
+    """A user reward that never returns (a hung HTTP call, a deadlock): sleeps 1e6 s."""
+
+    name = "sleepy"
+
+    def __call__(self, completions, answers, prompts):
+        time.sleep(1e6)
+        return [0.0] * len(completions)
