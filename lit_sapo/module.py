@@ -50,7 +50,7 @@ class OptimizerSettings:
 
 @dataclass
 class UpdateRecord:
-    """What one micro-batch of one inner update saw: for callbacks (see README, 'Your own metrics')."""
+    """What one micro-batch of one inner update saw: for callbacks (see docs/callbacks.md, 'Your own metrics')."""
 
     epoch: int
     minibatch: int

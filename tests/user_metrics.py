@@ -1,6 +1,6 @@
 """A user's own metric callback and reward, loaded by class path from YAML in tests/test_callbacks.py.
 
-The callback is the README example ("Your own metrics"): keep the two in step.
+The callback is the example of docs/callbacks.md ("Your own metrics"); tests/test_docs.py keeps the two in step.
 """
 
 from __future__ import annotations
