@@ -14,7 +14,7 @@ EXTRAS := test,cpu
 TORCH_PIN := torch==2.13.0
 endif
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test figures bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
+
+# docs/figures/*.png: reuses a finished runs/quickstart run, else runs the quickstart first (a few minutes on CPU)
+figures: $(STAMP)
+	$(BIN)/python scripts/make_figures.py
 
 clean:
 	rm -rf $(VENV) runs lightning_logs
