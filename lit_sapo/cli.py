@@ -51,6 +51,25 @@ class SAPOCLI(LightningCLI):
             callbacks = [*callbacks, RunSummary()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def before_instantiate_classes(self) -> None:
+        # metrics.csv flushed every rollout (Lightning's CSVLogger default is every 100 steps): after a kill, the
+        # CSV holds every rollout the checkpoint holds. An explicit value other than Lightning's default is kept.
+        from lit_sapo.cli_checks import default_csv_flush
+
+        default_csv_flush(self.config.get(self.subcommand) if self.subcommand else self.config)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            # Lightning stopped at the next safe point and its ModelCheckpoint (if any) saved on the way out
+            from lit_sapo.cli_checks import sigterm_line
+
+            print(sigterm_line(self.trainer), file=sys.stderr, flush=True)
+            raise SystemExit(143) from None  # 128 + SIGTERM: a shell or scheduler sees the run did not finish
+
     def instantiate_classes(self) -> None:
         # settings are checked in the constructors (cheap); turn their ValueError into one line, no traceback
         try:

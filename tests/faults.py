@@ -13,3 +13,18 @@ class SleepingReward:
     def __call__(self, completions, answers, prompts):
         time.sleep(1e6)
         return [0.0] * len(completions)
+
+
+class HangsAfterFirstCall:
+    """Scores completion length on its first batch, then hangs forever: a run stuck in grading."""
+
+    name = "hangs_later"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, completions, answers, prompts):
+        self.calls += 1
+        if self.calls > 1:
+            time.sleep(1e6)
+        return [len(c) / 100.0 for c in completions]
