@@ -49,7 +49,12 @@ class SAPOCLI(LightningCLI):
             callbacks = [*callbacks, RolloutProgressBar()]
         if not any(isinstance(c, RunSummary) for c in mine):
             callbacks = [*callbacks, RunSummary()]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        # checkpoint temp files beside the target, not in $TMPDIR (lit_sapo.checkpoint_io)
+        from lit_sapo import checkpoint_io
+
+        checkpoint_io.install(trainer)
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         # metrics.csv flushed every rollout (Lightning's CSVLogger default is every 100 steps): after a kill, the

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import tempfile
+import threading
 import time
+from pathlib import Path
+
+from lightning.pytorch import Callback
 
 
 class SleepingReward:
@@ -28,3 +35,27 @@ class HangsAfterFirstCall:
         if self.calls > 1:
             time.sleep(1e6)
         return [len(c) / 100.0 for c in completions]
+
+
+class KillDuringSave(Callback):
+    """SIGKILLs its own process while the `at_save`-th checkpoint file is being written: a watcher thread kills as
+    soon as a temp file of the write appears (beside the target or in $TMPDIR), or after 10 s regardless."""
+
+    def __init__(self, dirpath: str, at_save: int = 2) -> None:
+        self.dirpath, self.at_save, self.saves = dirpath, at_save, 0
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        self.saves += 1
+        if self.saves == self.at_save:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + 10
+        beside, tmpdir = Path(self.dirpath), Path(tempfile.gettempdir())
+        while time.monotonic() < deadline:
+            # lit_sapo's temp file: .<name>.tmp-<pid> beside the target; fsspec's (Lightning's default): tmp* in $TMPDIR
+            if any(p.name.startswith(".") for p in beside.iterdir()) or any(
+                    p.name.startswith("tmp") for p in tmpdir.iterdir()):
+                break
+            time.sleep(0.0005)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -66,17 +66,18 @@ def test_reward_timeout_must_be_positive(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------- subprocess runs: signals
 
-def _start_fit(tmp_path: Path, *extra: str, rewards: dict) -> subprocess.Popen:
+def _start_fit(tmp_path: Path, *extra: str, rewards: dict, checkpoint: str = "lightning.pytorch.callbacks.ModelCheckpoint",
+               save_last: str = "true", env: dict | None = None) -> subprocess.Popen:
     """`lit-sapo fit` on the tiny config in a subprocess: a checkpoint every rollout (2 optimizer steps)."""
     args = [sys.executable, "-m", "lit_sapo.cli", "fit", "--config", str(TINY),
             "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--trainer.logger.init_args.version", "0", "--trainer.max_steps", "400",
             "--trainer.enable_progress_bar", "false", "--data.rewards", json.dumps(rewards),
             "--trainer.enable_checkpointing", "true",
-            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks+={checkpoint}",
             f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.every_n_train_steps=2",
-            "--trainer.callbacks.save_last=true", *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+            f"--trainer.callbacks.save_last={save_last}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -145,3 +146,35 @@ def test_after_sigkill_the_csv_holds_every_checkpointed_rollout_and_resume_neith
     assert resumed.returncode == 0, err[-2000:]
     after = [int(float(r["rollout/step"])) for r in _csv_rows(tmp_path, version=1)]
     assert before + after == list(range(1, total + 1))
+
+
+# ------------------------------------------------------------------------------------------- checkpoint files
+
+def test_last_ckpt_is_a_hard_link_to_the_newest_checkpoint_not_a_second_copy(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _fit(tmp_path, "--trainer.max_steps", "6", "--trainer.enable_checkpointing", "true",
+         "--trainer.callbacks+=lit_sapo.callbacks.RolloutCheckpoint", f"--trainer.callbacks.dirpath={ckpt}",
+         "--trainer.callbacks.every_n_train_steps=2")
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert files == ["epoch=0-step=6.ckpt", "last.ckpt"]  # no temp file left beside them
+    last, newest = ckpt / "last.ckpt", ckpt / "epoch=0-step=6.ckpt"
+    assert not last.is_symlink() and last.stat().st_ino == newest.stat().st_ino and last.stat().st_nlink == 2
+    assert _rollouts_in(last) == 3
+
+
+def test_a_checkpoint_write_killed_half_way_leaves_nothing_in_tmpdir_and_the_next_save_cleans_up(tmp_path):
+    tmpdir, ckpt = tmp_path / "tmpdir", tmp_path / "ckpt"
+    tmpdir.mkdir()
+    proc = _start_fit(tmp_path, "--trainer.callbacks+=tests.faults.KillDuringSave", f"--trainer.callbacks.dirpath={ckpt}",
+                      rewards={"tests.recorders.LengthReward": 1.0}, checkpoint="lit_sapo.callbacks.RolloutCheckpoint",
+                      save_last="link", env={"TMPDIR": str(tmpdir)})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert [p.name for p in tmpdir.iterdir() if p.name.startswith("tmp")] == []  # Lightning's default left one here
+    leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".epoch=0-step=4.ckpt.tmp-"), leftovers
+    assert _rollouts_in(ckpt / "last.ckpt") == 1  # the previous checkpoint is whole
+    from lit_sapo.checkpoint_io import save_beside
+
+    save_beside({"rollouts": 2}, ckpt / "next.ckpt")  # the next save into the folder removes the dead run's temp file
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt", "next.ckpt"]
