@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_sapo.module import SAPOModule
 from lit_sapo.rollout import RolloutDataModule
@@ -36,6 +36,23 @@ def _quiet_lightning() -> None:
             log.addFilter(_DropMessages())
     # Lightning's own pytree helper calls a torch API that torch deprecated; nothing a user can change
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """A parse error is one line, `lit-sapo: error: <setting>: <what>; <fix>` (with 'did you mean' for a typo),
+    instead of the usage dump with the useful line at its end."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        from jsonargparse._common import debug_mode_active  # noqa: PLC0415 (private, but the same test it uses)
+
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)
+        from lit_sapo.cli_checks import error_line, one_line_parse_error
+
+        parser = getattr(ex, "subcommand_parser", None) or self
+        keys = [a.dest for a in parser._actions if isinstance(getattr(a, "dest", None), str)]
+        print(error_line(one_line_parse_error(message, keys)), file=sys.stderr, flush=True)
+        self.exit(2)
 
 
 class SAPOCLI(LightningCLI):
@@ -63,6 +80,27 @@ class SAPOCLI(LightningCLI):
 
         default_csv_flush(self.config.get(self.subcommand) if self.subcommand else self.config)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads --ckpt_path's hyperparameters while parsing: a missing, foreign or truncated file is
+        # one line here, not a traceback (or torch's advice to load it with weights_only=False)
+        import pickle
+
+        from lit_sapo.cli_checks import check_ckpt_path, error_line
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        try:
+            check_ckpt_path(ckpt_path)
+            super()._parse_ckpt_path()
+        except ValueError as err:
+            print(error_line(str(err)), file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(error_line(f"--ckpt_path: {ckpt_path} cannot be loaded ({first[:160]}); give a checkpoint "
+                             "written by lit-sapo, e.g. <checkpoints dir>/last.ckpt"), file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
     def _run_subcommand(self, subcommand: str) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -80,7 +118,9 @@ class SAPOCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as err:
-            print(f"lit-sapo: error: {err}", file=sys.stderr)
+            from lit_sapo.cli_checks import own_setting_line
+
+            print(f"lit-sapo: error: {own_setting_line(str(err))}", file=sys.stderr)
             raise SystemExit(2) from None
 
     def before_fit(self) -> None:
@@ -106,6 +146,17 @@ def main(args: list[str] | None = None, callbacks: list | None = None, run: bool
     # `${model.model.name}` in a config means the same key of the merged config, under any subcommand
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     _quiet_lightning()
+    from lit_sapo.cli_checks import check_yaml_files, error_line, join_negative_values
+
+    if args is None:  # the console script: fix sys.argv in place (LightningCLI warns when both are given)
+        sys.argv[1:] = join_negative_values(sys.argv[1:])
+    elif isinstance(args, list):
+        args = join_negative_values(args)
+    try:
+        check_yaml_files(sys.argv[1:] if args is None else list(args) if isinstance(args, list) else [])
+    except ValueError as err:
+        print(error_line(str(err)), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     return SAPOCLI(
         SAPOModule, RolloutDataModule,
         parser_kwargs={"parser_mode": "omegaconf+"},  # interpolations resolve on the merged config
@@ -114,6 +165,7 @@ def main(args: list[str] | None = None, callbacks: list | None = None, run: bool
         seed_everything_default=0,
         args=args,
         run=run,
+        parser_class=OneLineErrorParser,
         auto_configure_optimizers=False,
         # validate/test under FSDP2 + NCCL would run in torch.inference_mode, which FSDP2 unsharding did not support
         # the model summary lists internal metric modules: off unless asked for

@@ -140,6 +140,7 @@ class SAPOModule(LightningModule):
         self.optim = optimizer or OptimizerSettings()
         if self.optim.schedule not in SCHEDULES:
             raise ValueError(f"model.optimizer.schedule: unknown {self.optim.schedule!r}; use one of {list(SCHEDULES)}")
+        check_optimizer_settings(self.optim)
         check_model_spec(self.spec, "model.model")
         check_trainable_dtype(self.spec, "model.model")
         self.reference_spec = reference or (self.spec if kl_coef > 0 else None)
@@ -432,6 +433,22 @@ class SAPOModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.weight_version = int(checkpoint.get("lit_sapo", {}).get("weight_version", 0))
         self.skipped_steps = int(checkpoint.get("lit_sapo", {}).get("skipped_steps", 0))
+
+
+def check_optimizer_settings(o: OptimizerSettings) -> None:
+    """The AdamW settings torch would refuse only in configure_optimizers, after the model has loaded."""
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ValueError(f"model.optimizer.lr: must be a finite number > 0, got {o.lr}; e.g. 1e-6 (the paper's)")
+    if o.weight_decay < 0:
+        raise ValueError(f"model.optimizer.weight_decay: must be >= 0, got {o.weight_decay}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise ValueError(f"model.optimizer.betas: each must be in [0, 1), got {tuple(o.betas)}")
+    if not o.eps > 0:
+        raise ValueError(f"model.optimizer.eps: must be > 0, got {o.eps}")
+    if o.warmup_steps < 0:
+        raise ValueError(f"model.optimizer.warmup_steps: must be >= 0, got {o.warmup_steps}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError(f"model.optimizer.min_lr_ratio: must be in [0, 1], got {o.min_lr_ratio}")
 
 
 def lr_factor(step: int, o: OptimizerSettings, total: int) -> float:

@@ -330,6 +330,19 @@ def _import_object(path: str) -> Any:
     return getattr(importlib.import_module(module_name), attr)
 
 
+def check_reward_names(names: list[str], field: str = "data.rewards") -> None:
+    """Every reward name is a built-in or an importable object: checked when the data module is built (an import,
+    no model), so a typo in a class path fails in one line instead of after the model has loaded."""
+    for name in names:
+        if name in BUILTIN_REWARDS:
+            continue
+        try:
+            _import_object(name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(f"{field}: cannot load reward {name!r} ({type(err).__name__}: {err}); use a built-in "
+                             f"({', '.join(BUILTIN_REWARDS)}) or an importable 'package.module.Name'") from None
+
+
 def load_reward(spec: Any) -> Any:
     """A reward function from a spec: an instance (returned as is), a built-in name ("accuracy", "format"),
     a dotted path ("pkg.mod.Class" or "pkg.mod:Class"; a class is instantiated with no arguments, a plain function

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_sapo.advantages import ADVANTAGE_METHODS, group_advantages
 from lit_sapo.callbacks._dist import shard
 from lit_sapo.models import ModelSpec, check_model_spec, load_tokenizer
-from lit_sapo.rewards import RewardSet
+from lit_sapo.rewards import RewardSet, check_reward_names
 from lit_sapo.sampling import HFSampler, Sampler
 from lit_sapo.tasks import ArithmeticTask, PromptMixture, PromptSource, load_prompts, render_prompt
 
@@ -154,6 +154,7 @@ class RolloutDataModule(LightningDataModule):
         self.instruction = instruction
         self.sampler: Sampler = sampler if sampler is not None else HFSampler()
         self.reward_weights = dict(rewards or {"accuracy": 1.0})
+        check_reward_names([k for k, v in self.reward_weights.items() if isinstance(v, (int, float))])
         self.grading_timeout = grading_timeout
         self.grading_workers = grading_workers
         self.reward_timeout = reward_timeout

@@ -104,3 +104,45 @@ def test_validate_scores_held_out_prompts(tmp_path):
     assert set(metrics) >= {"val/reward", "val/accuracy", "val/completion_len"}
     assert float(metrics["val/accuracy"]) == 0.0  # a random 2-layer model solves no GSM8K problem
     assert 1.0 <= float(metrics["val/completion_len"]) <= 8.0  # tiny.yaml caps completions at 8 tokens
+
+
+def test_bad_input_of_every_kind_is_one_line_naming_the_setting_or_file(tmp_path, capsys, monkeypatch):
+    import zipfile
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  gatee: erf\n")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  gate: [erf\n")
+    not_a_ckpt = tmp_path / "garbage.ckpt"
+    not_a_ckpt.write_text("garbage\n")
+    truncated = tmp_path / "truncated.ckpt"
+    with zipfile.ZipFile(truncated, "w") as archive:
+        archive.writestr("archive/data.pkl", b"not a pickle")
+    cases = [
+        (["--model.optimizer.lr", "-1e-3"], "model.optimizer.lr: must be a finite number > 0, got -0.001"),
+        (["--model.optimizer.lr=-1e-3"], "model.optimizer.lr: must be a finite number > 0"),
+        (["--ckpt_path", str(tmp_path / "missing.ckpt")], "missing.ckpt does not exist"),
+        (["--ckpt_path", str(not_a_ckpt)], "garbage.ckpt is not a torch checkpoint"),
+        (["--ckpt_path", str(truncated)], "truncated.ckpt cannot be loaded"),
+        (["--data.rewards", '{"no_such_pkg.Reward": 1.0}'], "data.rewards: cannot load reward 'no_such_pkg.Reward'"),
+        (["--data.sampler.init_args.max_new_tokens", "0"], "data.sampler.max_new_tokens: must be >= 1, got 0"),
+        (["--config", str(typo)], "model.gatee: no such setting; did you mean model.gate?"),
+        (["--model.gatee", "erf"], "model.gatee: no such setting; did you mean model.gate?"),
+        (["--config", str(broken)], "broken.yaml: not valid YAML at line 3"),
+        (["--config", str(tmp_path / "nope.yaml")], "--config: "),
+    ]
+    for args, expected in cases:
+        line = _fail(args, capsys, monkeypatch)
+        assert line.startswith("lit-sapo: error: ") and expected in line, (args, line)
+
+
+def test_negative_values_join_their_option_and_typos_get_the_closest_setting():
+    from lit_sapo.cli_checks import join_negative_values, one_line_parse_error
+
+    assert join_negative_values(["--model.optimizer.lr", "-1e-3", "--x", "-2", "-c", "a.yaml"]) == \
+        ["--model.optimizer.lr=-1e-3", "--x=-2", "-c", "a.yaml"]
+    assert join_negative_values(["--a=1", "-5"]) == ["--a=1", "-5"]  # '--a=1' already has its value
+    keys = ["trainer.max_steps", "trainer.max_time", "model.gate", "model.tau_pos"]
+    assert one_line_parse_error("unrecognized arguments: --model.tau_pso 3", keys) == \
+        "model.tau_pso: no such setting; did you mean model.tau_pos?"
+    assert "see `lit-sapo fit --help`" in one_line_parse_error("Group 'model' does not accept option 'zzz'", keys)

@@ -1,6 +1,7 @@
 """Faults that must not poison a run: a non-finite gradient is skipped, never applied, never saved."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,34 @@ def test_export_refuses_a_checkpoint_with_a_pickle_payload(tmp_path):
     with pytest.raises(ValueError, match="refusing to unpickle"):
         export_checkpoint(tmp_path / "evil.ckpt", tmp_path / "out", model="tiny-random-llama")
     assert not marker.exists()
+
+
+def test_collapse_watch_warns_once_naming_the_rollout_and_stops_a_run_at_lr_1e6(tmp_path):
+    from lit_sapo.callbacks import CollapseWatch
+
+    watch = CollapseWatch(stop=True, ratio_max=1e30)  # only the entropy condition may fire
+    with pytest.warns(UserWarning, match=r"collapse: rollout \d+: train/entropy .* of log\(V\)") as record:
+        # SmolLM2 (a trained model: its entropy starts far below log V), tiny rollouts
+        result = _fit(tmp_path, "--trainer.max_steps", "40", "--model.optimizer.lr", "1e6",
+                      "--model.max_grad_norm", "1e9", "--model.model.name", "smollm2-135m-instruct",
+                      callbacks=[watch])
+    assert list(watch.fired) == ["entropy"]
+    assert sum("collapse:" in str(w.message) for w in record) == 1  # once, not once per rollout
+    trainer = result.trainer
+    assert trainer.should_stop and trainer.global_step < 40
+    vocab = result.model.head.weight.shape[0]
+    ratio = float(trainer.callback_metrics["collapse/entropy_vs_uniform"])
+    assert ratio >= 0.95 and float(trainer.callback_metrics["train/entropy"]) <= math.log(vocab) + 1e-3
+
+
+def test_collapse_watch_is_silent_on_a_healthy_run_and_validates_its_settings(tmp_path):
+    from lit_sapo.callbacks import CollapseWatch
+
+    watch = CollapseWatch(stop=True)  # the tiny random model sits at log V from the start: not a collapse
+    result = _fit(tmp_path, "--trainer.max_steps", "4", callbacks=[watch])
+    assert watch.fired == {} and result.trainer.global_step == 4
+    assert float(result.trainer.callback_metrics["collapse/conditions"]) == 0.0
+    for bad, field in [({"entropy_frac": 0.0}, "entropy_frac"), ({"ratio_max": 1.0}, "ratio_max"),
+                       ({"zero_variance_rollouts": 0}, "zero_variance_rollouts")]:
+        with pytest.raises(ValueError, match=f"CollapseWatch.{field}"):
+            CollapseWatch(**bad)
