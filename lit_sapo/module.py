@@ -148,6 +148,7 @@ class SAPOModule(LightningModule):
             check_model_spec(self.reference_spec, "model.reference")
         self.automatic_optimization = False
         self.weight_version = 0
+        self.max_staleness = 0  # data.max_staleness, bound at setup: how many versions a rollout may lag
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, in all
         self._skipped_in_a_row = 0
         self.policy = None
@@ -191,6 +192,11 @@ class SAPOModule(LightningModule):
                 raise ValueError("model.norm_length: seq-mean-token-sum-norm needs a constant; set model.norm_length "
                                  "(the datamodule has no sampler.max_new_tokens to default to)")
             self.loss_settings = dataclasses.replace(self.loss_settings, norm_length=int(max_new_tokens))
+        self.max_staleness = int(getattr(datamodule, "max_staleness", 0) or 0)
+        if self.max_staleness:
+            from lit_sapo.async_rollout import check_world_size
+
+            check_world_size(self.max_staleness, trainer.world_size if trainer is not None else 1)
 
     # ---- models -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -259,9 +265,13 @@ class SAPOModule(LightningModule):
     # ---- the rollout step ---------------------------------------------------------------------------------
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> dict:
         hp = self.hparams
-        if batch.weight_version != self.weight_version:
+        staleness = self.weight_version - batch.weight_version
+        if not 0 <= staleness <= self.max_staleness:
             raise RuntimeError(f"stale rollout: sampled by weights v{batch.weight_version}, policy is at "
-                               f"v{self.weight_version}")
+                               f"v{self.weight_version}, more than data.max_staleness={self.max_staleness} behind")
+        # the gate acts on pi_theta / pi_prox, pi_prox = these weights at the step start (old_logp, recomputed, or
+        # logp.detach() on a single update); pi_prox / pi_behaviour (the sampler's log-probs, stale when
+        # staleness > 0) is left to rollout_correction: the decoupled objective (docs/async.md)
         n_updates = hp.ppo_epochs * hp.num_minibatches
         needs_old = n_updates > 1 or hp.rollout_correction != "none"
         old_logp = self._score_all(batch) if needs_old else None
@@ -405,6 +415,9 @@ class SAPOModule(LightningModule):
                       batch_size=batch.size)
         self.log("rollout/step", float(batch.rollout_index + 1), on_step=True, batch_size=batch.size)
         self.log("rollout/weight_version", float(batch.weight_version), on_step=True, batch_size=batch.size)
+        # versions between the sampler's weights and the weights at the start of this step (bumped since)
+        self.log("rollout/staleness", float(self.weight_version - 1 - batch.weight_version), on_step=True,
+                 batch_size=batch.size)
         # the bar's own counter is rollouts against max_steps (optimizer steps): show both step counts explicitly
         self.log("rollout", float(batch.rollout_index + 1), prog_bar=True, on_step=True, batch_size=batch.size,
                  logger=False)

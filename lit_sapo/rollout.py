@@ -71,12 +71,9 @@ class _PromptStream(IterableDataset):
         self.dm = datamodule
 
     def __iter__(self):
-        dm = self.dm
-        rank, world = _rank_world()
-        index = dm.rollouts_consumed  # restored from a checkpoint before the loader is iterated
+        index = self.dm.rollouts_consumed  # restored from a checkpoint before the loader is iterated
         while True:
-            first = (index * world + rank) * dm.prompts_per_step
-            yield PromptBatch(index, [dm.prompt_source.example(first + j) for j in range(dm.prompts_per_step)])
+            yield self.dm.prompt_batch(index)
             index += 1
 
 
@@ -114,6 +111,9 @@ class RolloutDataModule(LightningDataModule):
             (`trainer.val_check_interval`); one completion each, graded by the reward functions.
         val_batch_size: prompts per validation batch (per rank).
         val_temperature: sampling temperature of validation (0 = greedy).
+        max_staleness: k, the most weight versions a rollout may lag the trainer. 0 = strictly on-policy (each
+            rollout sampled by the newest weights); k >= 1 = the next rollouts are sampled in a background thread
+            by a copy of the policy while the current one trains (HFSampler, one process; docs/async.md).
     """
 
     def __init__(self, tokenizer: str = "smollm2-135m-instruct", task: ArithmeticTask | None = None,
@@ -125,7 +125,7 @@ class RolloutDataModule(LightningDataModule):
                  num_generations: int = 8, advantage: str = "grpo", max_prompt_length: int = 1024,
                  drop_zero_variance_groups: bool = False, mask_truncated: bool = False, seed: int = 0,
                  val_sources: list[PromptSource] | None = None, val_batch_size: int = 16,
-                 val_temperature: float = 0.0) -> None:
+                 val_temperature: float = 0.0, max_staleness: int = 0) -> None:
         super().__init__()
         if num_generations < 2:
             raise ValueError(f"data.num_generations: group advantages need at least 2 completions per prompt, "
@@ -153,6 +153,12 @@ class RolloutDataModule(LightningDataModule):
         self.system_prompt = system_prompt
         self.instruction = instruction
         self.sampler: Sampler = sampler if sampler is not None else HFSampler()
+        from lit_sapo.async_rollout import AsyncRollouts, check_max_staleness
+
+        check_max_staleness(max_staleness, self.sampler)
+        self.max_staleness = max_staleness
+        # k >= 1: the background sampler (its own copy of the policy); None keeps today's synchronous rollouts
+        self.async_rollouts = AsyncRollouts(self, max_staleness) if max_staleness > 0 else None
         self.reward_weights = dict(rewards or {"accuracy": 1.0})
         check_reward_names([k for k, v in self.reward_weights.items() if isinstance(v, (int, float))])
         self.grading_timeout = grading_timeout
@@ -206,6 +212,8 @@ class RolloutDataModule(LightningDataModule):
         return mixture
 
     def teardown(self, stage: str) -> None:
+        if self.async_rollouts is not None:  # before the grader pool closes: the worker may be grading
+            self.async_rollouts.close()
         if self.reward_set is not None:
             self.reward_set.close()
             self.reward_set = None
@@ -218,10 +226,15 @@ class RolloutDataModule(LightningDataModule):
         return DataLoader(_PromptStream(self), batch_size=None, num_workers=0, collate_fn=lambda x: x)
 
     def state_dict(self) -> dict:
-        return {"rollouts_consumed": self.rollouts_consumed, "seed": self.seed}
+        state = {"rollouts_consumed": self.rollouts_consumed, "seed": self.seed}
+        if self.async_rollouts is not None:  # the finished in-flight rollouts, so a resume trains the same ones
+            state["in_flight"] = self.async_rollouts.state(self.rollouts_consumed)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.rollouts_consumed = int(state["rollouts_consumed"])
+        if self.async_rollouts is not None:
+            self.async_rollouts.restore(state.get("in_flight", []))
 
     # ---- the rollout --------------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
@@ -240,11 +253,15 @@ class RolloutDataModule(LightningDataModule):
             return batch
         module = self.trainer.lightning_module
         if self.trainer.training:
+            if self.async_rollouts is not None:
+                return self.async_rollouts.next_rollout(batch, module)
             return self.make_rollout(batch, module)
         return self.make_evaluation(batch, module)
 
     def make_evaluation(self, batch: PromptBatch, module) -> dict:
         """One completion per held-out prompt with the current weights, graded by the run's reward functions."""
+        if self.async_rollouts is not None:  # the worker and this share the global RNG and the tokenizer
+            self.async_rollouts.drain()
         self.ensure_synced(module)
         prompt_ids = [self.prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
         gen = self.sampler.generate(prompt_ids, 1, seed=self.seed, temperature=self.val_temperature)
@@ -274,6 +291,15 @@ class RolloutDataModule(LightningDataModule):
         if self.sampler.weight_version != module.weight_version:
             self.sampler.sync_weights(module.policy, module.weight_version)
 
+    def prompt_batch(self, index: int) -> PromptBatch:
+        """Rollout `index` on this rank: global prompts (index * world + rank) * n + j."""
+        rank, world = _rank_world()
+        first = (index * world + rank) * self.prompts_per_step
+        return PromptBatch(index, [self.prompt_source.example(first + j) for j in range(self.prompts_per_step)])
+
+    def rollout_prompt_ids(self, batch: PromptBatch) -> list[list[int]]:
+        return [self.prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
+
     def prompt_token_ids(self, example) -> list[int]:
         text = render_prompt(self.tokenizer, example.problem,
                              system_prompt=self.system_prompt if self.system_prompt is not None
@@ -298,25 +324,35 @@ class RolloutDataModule(LightningDataModule):
             bar.show_phase(phase)
 
     def make_rollout(self, batch: PromptBatch, module) -> RolloutBatch:
+        """Rollout `batch` sampled now by the module's current weights (data.max_staleness 0)."""
         self._set_phase("sampling")
         self.ensure_synced(module)
+        rollout = self.build_rollout(batch, self.sampler, self.rollout_prompt_ids(batch), module.device,
+                                     set_phase=self._set_phase)
+        self.rollouts_consumed = batch.rollout_index + 1
+        self._set_phase("updating")  # the module's inner updates come next
+        return rollout
+
+    def build_rollout(self, batch: PromptBatch, sampler: Sampler, prompt_ids: list[list[int]], device,
+                      set_phase=lambda phase: None) -> RolloutBatch:
+        """Sample with `sampler`, grade, and compute the group advantages of one rollout (tensors on `device`).
+
+        Touches no state of the datamodule: the background worker (lit_sapo.async_rollout) runs it too."""
         rank, world = _rank_world()
         tok, G = self.tokenizer, self.num_generations
-        prompt_ids = [self.prompt_token_ids(ex)[-self.max_prompt_length:] for ex in batch.examples]
         t0 = time.perf_counter()
-        gen = self.sampler.generate(prompt_ids, G, seed=_mix_seed(self.seed, batch.rollout_index, rank))
+        gen = sampler.generate(prompt_ids, G, seed=_mix_seed(self.seed, batch.rollout_index, rank))
         t1 = time.perf_counter()
         self.stop_if_terminated()
         completions = tok.batch_decode(gen.completion_ids, skip_special_tokens=True)
         prompts = [tok.decode(p) for p in prompt_ids for _ in range(G)]
         answers = [ex.answer for ex in batch.examples for _ in range(G)]
-        self._set_phase("grading")
+        set_phase("grading")
         graded = self.reward_set(completions, answers, prompts)
         t2 = time.perf_counter()
         self.stop_if_terminated()
         rewards = torch.tensor(graded.total, dtype=torch.float32).view(len(prompt_ids), G)
         advantages, zero_std = group_advantages(rewards, method=self.advantage)
-        device = module.device
         n, pad = rewards.numel(), tok.pad_token_id
         p_width = max(len(p) for p in prompt_ids)
         c_width = max(1, max(len(c) for c in gen.completion_ids))
@@ -344,11 +380,9 @@ class RolloutDataModule(LightningDataModule):
         }
         for name, values in graded.per_function.items():
             metrics[f"reward/{name}"] = sum(values) / max(len(values), 1)
-        self.rollouts_consumed = batch.rollout_index + 1
-        self._set_phase("updating")  # the module's inner updates come next
         return RolloutBatch(
             rollout_index=batch.rollout_index, weight_version=gen.weight_version,
-            temperature=self.sampler.temperature, prompt_ids=prompt_t.to(device), prompt_mask=prompt_m.to(device),
+            temperature=sampler.temperature, prompt_ids=prompt_t.to(device), prompt_mask=prompt_m.to(device),
             completion_ids=comp_t.to(device), completion_mask=loss_mask.to(device),
             sampler_logprobs=logp_t.to(device), advantages=advantages.reshape(-1).to(device),
             rewards=rewards.reshape(-1).to(device), group_ids=torch.arange(n, device=device) // G,

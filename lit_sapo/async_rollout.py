@@ -1,0 +1,153 @@
+"""Asynchronous rollouts with bounded staleness (`data.max_staleness: k >= 1`), HFSampler in one process.
+
+A single background thread samples and grades the next rollouts with its own copy of the policy while the
+trainer updates on the current one (sampling and the update then run on different cores, or overlap on a GPU).
+
+The schedule is fixed by rollout indices, never by timing, so a run is reproducible:
+- when the trainer asks for rollout n, its weights are at version V (V = n: one version per rollout);
+- rollouts n .. n + k that are not yet queued are queued now, in order, each to be sampled with version V;
+- before that, the worker's copy is brought to version V: the worker first finishes what it is generating
+  (it never samples with half-copied weights), then the trainer's state_dict is copied into it.
+So rollout m is sampled by weights of version max(0, m - k) and trained at version m: staleness min(m, k).
+Each rollout keeps its sampling seed (run seed, rollout index, rank), as in the synchronous loop.
+
+Exact resume: the datamodule's checkpoint state holds the finished in-flight rollouts (`state`), which a resumed
+run trains instead of sampling them again. A rollout that had not finished (a SIGTERM while it was sampled) is
+sampled again after the resume with the checkpoint's weights, still within the bound.
+
+Assumption: the update draws nothing from torch's global RNG (dropout is off, see lit_sapo.models.disable_dropout;
+minibatch order has its own generator): the worker's `generate` seeds and uses that RNG while the update runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import torch
+
+from lit_sapo.rollout import PromptBatch, RolloutBatch
+from lit_sapo.sampling import HFSampler
+
+
+def check_max_staleness(max_staleness, sampler) -> None:
+    """data.max_staleness: an int >= 0; k >= 1 needs HFSampler (the background worker holds a copy of the policy)."""
+    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+        raise ValueError(f"data.max_staleness: must be an integer >= 0 (0 = on-policy), got {max_staleness!r}")
+    if max_staleness > 0 and not isinstance(sampler, HFSampler):
+        raise ValueError(f"data.max_staleness: {max_staleness} (asynchronous rollouts) runs with HFSampler only, not "
+                         f"{type(sampler).__name__}; set data.max_staleness: 0 or use lit_sapo.sampling.HFSampler")
+
+
+def check_world_size(max_staleness: int, world_size: int) -> None:
+    """Asynchronous rollouts run in one process: FSDP ranks would each need a full copy and a shared schedule."""
+    if max_staleness > 0 and world_size > 1:
+        raise ValueError(f"data.max_staleness: {max_staleness} (asynchronous rollouts) runs in one process only, got "
+                         f"{world_size} processes; set data.max_staleness: 0 or train on one device")
+
+
+def rollout_state(rollout: RolloutBatch) -> dict:
+    """A rollout as plain values and CPU tensors (what a checkpoint can hold and torch.load(weights_only) reads)."""
+    return {f.name: _to(getattr(rollout, f.name), torch.device("cpu")) for f in dataclasses.fields(RolloutBatch)}
+
+
+def rollout_to(rollout: RolloutBatch, device) -> RolloutBatch:
+    return dataclasses.replace(rollout, **{f.name: _to(getattr(rollout, f.name), device)
+                                           for f in dataclasses.fields(RolloutBatch)})
+
+
+def _to(value, device):
+    return value.to(device) if torch.is_tensor(value) else value
+
+
+class AsyncRollouts:
+    """The background sampler of a RolloutDataModule with `max_staleness` k >= 1 (see the module docstring)."""
+
+    def __init__(self, datamodule, max_staleness: int) -> None:
+        self.dm = datamodule
+        self.max_staleness = max_staleness
+        self.executor: ThreadPoolExecutor | None = None
+        self.sampler: HFSampler | None = None  # generates with `self.policy`, the worker's copy of the weights
+        self.policy = None
+        self._bound_to = None  # the trainer's policy the copy was made from
+        self.in_flight: dict[int, Future] = {}  # rollout index -> future RolloutBatch (CPU tensors)
+        self.restored: dict[int, dict] = {}  # rollout index -> rollout_state, from a checkpoint
+
+    # ---- the schedule -------------------------------------------------------------------------------------
+    def next_rollout(self, batch: PromptBatch, module) -> RolloutBatch:
+        """Rollout `batch.rollout_index` for the trainer; queues the following ones up to n + k first."""
+        n = batch.rollout_index
+        self._bind(module)
+        for stale in [m for m in self.in_flight if m < n]:  # not expected; never train them
+            self.in_flight.pop(stale).cancel()
+        for m in range(n, n + self.max_staleness + 1):
+            if m not in self.in_flight and m not in self.restored:
+                self._submit(batch if m == n else self.dm.prompt_batch(m), module)
+        self.dm._set_phase("sampling")
+        t0 = time.perf_counter()
+        if n in self.restored:
+            rollout = RolloutBatch(**self.restored.pop(n))
+        else:
+            rollout = self.in_flight.pop(n).result()  # re-raises the worker's error (SIGTERM included)
+        waited = time.perf_counter() - t0
+        self.dm.stop_if_terminated()
+        rollout.metrics["time/rollout_wait_s"] = waited  # the part of sampling the update did not hide
+        self.dm.rollouts_consumed = n + 1
+        self.dm._set_phase("updating")
+        return rollout_to(rollout, module.device)
+
+    def _submit(self, batch: PromptBatch, module) -> None:
+        if self.sampler.weight_version != module.weight_version:
+            self.drain()  # the copy is refreshed between generations only
+            with torch.no_grad():
+                self.policy.load_state_dict(module.policy.state_dict())
+            self.sampler.sync_weights(self.policy, module.weight_version)
+        # prompts and their token ids in this thread: the prompt sources and the tokenizer are not thread-safe
+        prompt_ids = self.dm.rollout_prompt_ids(batch)
+        self.in_flight[batch.rollout_index] = self.executor.submit(
+            self.dm.build_rollout, batch, self.sampler, prompt_ids, torch.device("cpu"))
+
+    def _bind(self, module) -> None:
+        if self._bound_to is module.policy:
+            return
+        self.close()
+        self.policy = copy.deepcopy(module.policy).eval().requires_grad_(False)
+        self.sampler = copy.copy(self.dm.sampler)
+        self.sampler.setup(self.policy, module.tokenizer, module.model_source)
+        self.sampler.sync_weights(self.policy, module.weight_version)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lit-sapo-rollout")
+        self._bound_to = module.policy
+
+    def drain(self) -> None:
+        """Wait until the worker has finished every queued rollout (their errors stay in their futures)."""
+        wait(list(self.in_flight.values()))
+
+    # ---- checkpoints --------------------------------------------------------------------------------------
+    def state(self, next_index: int) -> list[dict]:
+        """The finished rollouts next_index, next_index + 1, ... (in order, up to the first that failed)."""
+        saved = []
+        for m in range(next_index, next_index + self.max_staleness + 1):
+            if m in self.restored:
+                saved.append(self.restored[m])
+            elif m in self.in_flight:
+                try:
+                    saved.append(rollout_state(self.in_flight[m].result()))
+                except BaseException:  # noqa: BLE001 - a SIGTERM'd or failed rollout is sampled again on resume
+                    break
+            else:
+                break
+        return saved
+
+    def restore(self, saved: list[dict]) -> None:
+        self.restored = {int(s["rollout_index"]): dict(s) for s in saved}
+
+    def close(self) -> None:
+        """Stop the worker: queued rollouts are dropped, the one it is generating finishes first."""
+        for future in self.in_flight.values():
+            future.cancel()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        self.executor, self.sampler, self.policy, self._bound_to = None, None, None, None
+        self.in_flight = {}
