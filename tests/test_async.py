@@ -57,6 +57,14 @@ def test_max_staleness_must_be_a_non_negative_integer():
         RolloutDataModule(tokenizer="tiny-random-llama", max_staleness=-1)
 
 
+def test_a_bad_max_staleness_is_one_line_before_loading(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path, "--data.max_staleness=-1")
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "lit-sapo: error: data.max_staleness: must be an integer >= 0 (0 = on-policy), got -1"
+
+
 def test_k0_explicit_is_the_default_bit_for_bit(runs):
     default, k0 = runs["default"], runs["k0"]
     assert comparable(default["metrics"]) == comparable(k0["metrics"])
