@@ -2,6 +2,7 @@
 with a copy of the weights (reproducible schedule, staleness bound, decoupled objective, exact resume)."""
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,30 @@ def test_k1_is_refused_with_vllm_and_with_several_processes():
         module.bind_run(trainer, dm)
     module.bind_run(Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False), dm)
     assert module.max_staleness == 1
+
+
+def test_sigterm_while_the_worker_grades_saves_and_exits(tmp_path):
+    """k = 1: rollout 1 hangs in its reward on the worker thread while the trainer saves after rollout 0 (the save
+    waits for the in-flight rollout, so no metrics row is flushed yet). SIGTERM ends the wait, the checkpoint holds
+    no unfinished rollout, and the run exits 143 within seconds."""
+    import signal
+    import subprocess
+
+    from tests.test_faults import _rollouts_in, _start_fit
+
+    proc = _start_fit(tmp_path, "--data.reward_timeout", "600", "--data.max_staleness", "1",
+                      rewards={"tests.faults.HangsAfterFirstCall": 1.0})
+    time.sleep(20.0)  # the tiny run trains rollout 0 in a few seconds; then the worker is stuck grading rollout 1
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("SIGTERM did not end the run within 30 s")
+    assert proc.returncode == 143, err[-2000:]
+    assert time.monotonic() - sent < 30
+    last = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)["RolloutDataModule"]
+    assert _rollouts_in(last) == 1 and state["in_flight"] == []  # rollout 1 is sampled again on resume
