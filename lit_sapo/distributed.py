@@ -78,6 +78,50 @@ def shard_policy(model: nn.Module, mesh, *, activation_checkpointing: bool = Fal
     return model
 
 
+def fill_from_rank0(model: nn.Module, full_state: dict | None) -> None:
+    """After `shard_policy`: ranks > 0 built `model` on the meta device; give them storage and rank 0's weights.
+
+    Rank 0 passes its full state dict (read before sharding), the others None. One tensor at a time, rank 0's
+    full tensor is scattered as the parameter's shards (`distribute_tensor(src_data_rank=0)`), so no rank holds
+    more than its shards plus one full tensor. Buffers (rotary tables and other non-persistent tensors, which no
+    state dict holds) are broadcast whole."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    rank0 = dist.get_rank() == 0
+    device = _mesh_device(model)
+    if not rank0:
+        model.to_empty(device=device)
+    done: set[int] = set()
+    with torch.no_grad():
+        for name, target in model.state_dict(keep_vars=True).items():
+            if id(target) in done:  # a tied weight, filled under its first name
+                continue
+            done.add(id(target))
+            key = name.replace("._checkpoint_wrapped_module", "")
+            if isinstance(target, DTensor):
+                src = full_state[key].to(device, target.dtype) if rank0 else \
+                    torch.empty(target.shape, dtype=target.dtype, device=device)
+                shard = distribute_tensor(src, target.device_mesh, target.placements, src_data_rank=0)
+                target.to_local().copy_(shard.to_local())
+                del src, shard
+            else:
+                if rank0:
+                    target.copy_(full_state[key])
+                dist.broadcast(target.data, src=0)
+        for _, buffer in model.named_buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _mesh_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters())
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None or mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.accelerator.current_device_index()
+                        if hasattr(torch, "accelerator") else torch.cuda.current_device())
+
+
 def _parent_list(model: nn.Module, layer: nn.Module) -> nn.ModuleList:
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and any(m is layer for m in module):

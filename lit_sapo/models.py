@@ -56,6 +56,10 @@ class ModelSpec:
     """Forward/backward dtype under FSDP2 (ModelParallelStrategy): parameters are cast to it for compute,
     gradients are reduced and stored in fp32. None = bf16 on GPU, `dtype` on CPU; `fp32` turns it off."""
     fsdp_replicate: int = 1
+    load_on_rank0: bool = True
+    """Under FSDP2 with several processes: rank 0 reads the weights, the other ranks build the model on the meta
+    device and receive their shards by broadcast, so only rank 0 holds a full copy in host RAM (7B fp32: 30 GB
+    once per node, not once per GPU). False: every rank reads the full weights."""
     """HSDP under FSDP2: replicate the parameters over this many groups of ranks (the number of nodes) and shard
     within each group; 1 = shard over every rank."""
     allow_bf16_params: bool = False
@@ -206,18 +210,23 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_policy(spec: ModelSpec) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def load_policy(spec: ModelSpec, on_meta: bool = False) -> nn.Module:
+    """The policy in train-ready form (dropout off, LoRA if asked). `on_meta`: the same modules with parameters on
+    the meta device (no storage, nothing read but the config), to be sharded and then filled by a broadcast."""
+    from contextlib import nullcontext
+
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     check_model_spec(spec)
     dtype = DTYPES[spec.dtype]
+    meta = torch.device("meta") if on_meta else nullcontext()
     if spec.name == TINY_RANDOM:
         vocab = load_tokenizer(spec).vocab_size
         config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                              tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                              attn_implementation=spec.attn_implementation)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), meta:
             torch.manual_seed(spec.seed)
             model = LlamaForCausalLM(config).to(dtype)
     else:
@@ -225,8 +234,15 @@ def load_policy(spec: ModelSpec) -> nn.Module:
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         if spec.attn_implementation is not None:
             kwargs["attn_implementation"] = spec.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=spec.trust_remote_code,
-                                                     **kwargs)
+        if on_meta:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=spec.trust_remote_code,
+                                                **({"gguf_file": gguf_file} if gguf_file else {}))
+            with meta:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                         **{k: v for k, v in kwargs.items() if k != "gguf_file"})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                         trust_remote_code=spec.trust_remote_code, **kwargs)
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.lora is not None:

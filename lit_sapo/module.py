@@ -203,21 +203,33 @@ class SAPOModule(LightningModule):
         if self.policy is not None:
             return
         self.tokenizer = load_tokenizer(self.spec)
-        self.policy = load_policy(self.spec).train()
+        mesh = self._device_mesh_or_none()
+        # under FSDP2 with several processes only rank 0 reads the weights (ModelSpec.load_on_rank0)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else self.global_rank
+        meta = {id(s): mesh is not None and mesh.size() > 1 and s.load_on_rank0 and rank > 0
+                for s in (self.spec, self.reference_spec) if s is not None}
+        self.policy = load_policy(self.spec, on_meta=meta[id(self.spec)]).train()
         install_scoring_head(self.policy)
         if self.reference_spec is not None:
-            self.reference = load_policy(self.reference_spec).eval().requires_grad_(False)
+            self.reference = load_policy(self.reference_spec, on_meta=meta[id(self.reference_spec)])
+            self.reference.eval().requires_grad_(False)
             install_scoring_head(self.reference)
-        mesh = self._device_mesh_or_none()
         if mesh is not None:
-            from lit_sapo.distributed import compute_dtype_for, shard_policy
+            from lit_sapo.distributed import compute_dtype_for, fill_from_rank0, shard_policy
 
             for model, spec, ckpt in ((self.policy, self.spec, self.hparams.activation_checkpointing),
                                       (self.reference, self.reference_spec, False)):
-                if model is not None:
-                    dtype = compute_dtype_for(spec.compute_dtype, next(model.parameters()).dtype, mesh.device_type)
-                    shard_policy(model, mesh, activation_checkpointing=ckpt, compute_dtype=dtype,
-                                 replicate=spec.fsdp_replicate)
+                if model is None:
+                    continue
+                broadcast = mesh.size() > 1 and spec.load_on_rank0
+                # rank 0's full weights, read before sharding replaces them by its own shards
+                full = dict(model.state_dict()) if broadcast and rank == 0 else None
+                dtype = compute_dtype_for(spec.compute_dtype, next(model.parameters()).dtype, mesh.device_type)
+                shard_policy(model, mesh, activation_checkpointing=ckpt, compute_dtype=dtype,
+                             replicate=spec.fsdp_replicate)
+                if broadcast:
+                    fill_from_rank0(model, full)
+                    del full
 
     # the head lives inside the model (not registered here too: a checkpoint holds each weight once)
     @property

@@ -214,3 +214,15 @@ def test_hsdp_2x2_gradients_equal_one_process(tmp_path):
     assert max(g.abs().max().item() for g in one["grads"].values()) > 1e-2, "degenerate test: zero gradients"
     worst = max((one["grads"][k] - four["grads"][k]).abs().max().item() for k in one["grads"])
     assert worst < 1e-5, f"HSDP gradients differ from one process by {worst}"
+
+
+def test_rank0_loads_and_broadcasts_the_shards_the_others_build_on_meta():
+    """model.model.load_on_rank0 (the default): rank 1 never reads the weights, yet its shards and buffers equal
+    the weights on disk (tests/benchmarks/load_memory.py measures the host memory this saves)."""
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    from load_memory import run
+
+    report = run("tiny-random-llama", load_on_rank0=True)
+    assert report["ranks"][0]["max_abs_diff_vs_disk"] == 0.0
+    assert report["buffers_equal"]
+    assert [r["local_param_mb"] for r in report["ranks"]][0] == report["ranks"][1]["local_param_mb"]
