@@ -118,14 +118,42 @@ def expand_runs(paths: list[str | Path]) -> list[Path]:
     return runs
 
 
-def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """One PNG per metric (and one per benchmark), one line per configuration: seeds of the same configuration
-    (folders named `<config>-seed<N>`) are drawn as their mean with a ±1 std band. Returns the files written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _groups(runs: list[str | Path]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in expand_runs(runs):
         groups[run_label(run)].append(read_run(run))
+    return groups
+
+
+def _draw_panel(ax, groups: dict[str, list[dict]], keys: tuple[str, ...], title: str, legend: bool = True) -> bool:
+    """One metric, one line per configuration (seeds: mean with a ±1 std band). False when no run has it."""
+    drawn = False
+    for label, members in groups.items():
+        curves = [next((r[k] for k in keys if k in r), None) for r in members]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        xs, means, stds = _mean_band(curves)
+        (line,) = ax.plot(xs, means, label=label + (f" (n={len(curves)})" if len(curves) > 1 else ""))
+        if len(curves) > 1:
+            ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn = True
+    ax.set_xlabel("rollout step")
+    ax.set_ylabel(keys[0])
+    ax.set_title(title)
+    if legend and drawn:
+        ax.legend(fontsize=7)
+    return drawn
+
+
+def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """One PNG per metric (and one per benchmark), one line per configuration: seeds of the same configuration
+    (folders named `<config>-seed<N>`) are drawn as their mean with a ±1 std band; and `overview.png`, the
+    metrics side by side with one legend. Returns the files written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = _groups(runs)
     panels = dict(PANELS)
     bench = sorted({k for runs_ in groups.values() for r in runs_ for k in r if BENCH_PATTERN.match(k)})
     for key in bench:
@@ -133,31 +161,40 @@ def plot_runs(runs: list[str | Path], out_dir: str | Path) -> list[Path]:
     written = []
     for title, keys in panels.items():
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        drawn = False
-        for label, members in groups.items():
-            curves = [next((r[k] for k in keys if k in r), None) for r in members]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            xs, means, stds = _mean_band(curves)
-            (line,) = ax.plot(xs, means, label=label + (f" (n={len(curves)})" if len(curves) > 1 else ""))
-            if len(curves) > 1:
-                ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                                color=line.get_color(), alpha=0.2, linewidth=0)
-            drawn = True
-        if not drawn:
+        if not _draw_panel(ax, groups, keys, title):
             plt.close(fig)
             continue
-        ax.set_xlabel("rollout step")
-        ax.set_ylabel(keys[0])
-        ax.set_title(title)
-        ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / (re.sub(r"[^A-Za-z0-9@]+", "_", title.split(" (")[0]).strip("_").lower() + ".png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    if written:
+        written.append(plot_overview(groups, out_dir / "overview.png"))
     return written
+
+
+def plot_overview(groups: dict[str, list[dict]], out_path: str | Path) -> Path:
+    """The PANELS metrics in one figure (3 columns), one shared legend below."""
+    panels = [(t, k) for t, k in PANELS.items() if any(key in r for m in groups.values() for r in m for key in k)]
+    cols = 3
+    rows = max(1, -(-len(panels) // cols))
+    spare = len(panels) < rows * cols  # the legend goes into the first empty cell, else below the grid
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows + (0 if spare else 0.9)), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        _draw_panel(ax, groups, keys, title, legend=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if spare:
+        axes.flat[len(panels)].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8)
+        fig.tight_layout(rect=(0, 0.9 / (3.2 * rows + 0.9) + 0.02, 1, 1))
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return Path(out_path)
 
 
 def plot_gate_family(out_path: str | Path, taus=(1, 5, 10)) -> Path:

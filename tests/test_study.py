@@ -43,7 +43,8 @@ def test_sweep_summary_resume_and_plot(tmp_path):
     out = tmp_path / "png"
     assert plot_cli.main([str(tmp_path), "--out", str(out)]) == 0
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 7 and all(p.stat().st_size > 1000 for p in pngs)
+    assert len(pngs) == 8 and all(p.stat().st_size > 1000 for p in pngs)  # 7 metrics and overview.png
+    assert (out / "overview.png").stat().st_size > (out / "reward.png").stat().st_size
 
 
 def test_clip_runs_take_eps_pairs_not_taus():
