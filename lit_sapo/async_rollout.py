@@ -1,7 +1,10 @@
-"""Asynchronous rollouts with bounded staleness (`data.max_staleness: k >= 1`), HFSampler in one process.
+"""Asynchronous rollouts with bounded staleness (`data.max_staleness: k >= 1`), HFSampler.
 
 A single background thread samples and grades the next rollouts with its own copy of the policy while the
 trainer updates on the current one (sampling and the update then run on different cores, or overlap on a GPU).
+Under FSDP2 every rank keeps a full copy: its worker generates without collectives (HFSampler.collective off),
+and the copies are refreshed by all-gathering the shards on the main thread, at the same rollout index on every
+rank (the schedule below depends on indices only), so no rank waits on another's worker.
 
 The schedule is fixed by rollout indices, never by timing, so a run is reproducible:
 - when the trainer asks for rollout n, its weights are at version V (V = n: one version per rollout);
@@ -12,7 +15,8 @@ So rollout m is sampled by weights of version max(0, m - k) and trained at versi
 Each rollout keeps its sampling seed (run seed, rollout index, rank), as in the synchronous loop.
 
 Exact resume: the datamodule's checkpoint state holds the finished in-flight rollouts (`state`), which a resumed
-run trains instead of sampling them again. A rollout that had not finished (a SIGTERM while it was sampled) is
+run trains instead of sampling them again; with several processes, those of every rank (gathered when the
+checkpoint is written, each rank restores its own). A rollout that had not finished (a SIGTERM while it was sampled) is
 sampled again after the resume with the checkpoint's weights, still within the bound.
 
 Assumption: the update draws nothing from torch's global RNG (dropout is off, see lit_sapo.models.disable_dropout;
@@ -27,6 +31,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
+from torch import nn
 
 from lit_sapo.rollout import PromptBatch, RolloutBatch
 from lit_sapo.sampling import HFSampler
@@ -41,11 +46,66 @@ def check_max_staleness(max_staleness, sampler) -> None:
                          f"{type(sampler).__name__}; set data.max_staleness: 0 or use lit_sapo.sampling.HFSampler")
 
 
-def check_world_size(max_staleness: int, world_size: int) -> None:
-    """Asynchronous rollouts run in one process: FSDP ranks would each need a full copy and a shared schedule."""
-    if max_staleness > 0 and world_size > 1:
-        raise ValueError(f"data.max_staleness: {max_staleness} (asynchronous rollouts) runs in one process only, got "
-                         f"{world_size} processes; set data.max_staleness: 0 or train on one device")
+def _plain_name(name: str) -> str:
+    for part in ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+        name = name.replace(part, "")
+    return name
+
+
+def copy_full_weights(source: nn.Module, target: nn.Module) -> None:
+    """target's parameters and buffers <- source's, by name; FSDP2 shards (DTensors) are all-gathered first.
+
+    A collective when `source` is sharded: every rank calls it at the same point (the same rollout index)."""
+    from torch.distributed.tensor import DTensor
+
+    params = {_plain_name(n): p for n, p in source.named_parameters()}
+    buffers = {_plain_name(n): b for n, b in source.named_buffers()}
+    with torch.no_grad():
+        for group, named in ((params, target.named_parameters()), (buffers, target.named_buffers())):
+            for name, tensor in named:
+                value = group[name].detach()
+                if isinstance(value, DTensor):
+                    value = value.full_tensor()
+                tensor.copy_(value)
+
+
+def local_copy(module) -> nn.Module:
+    """A full, frozen copy of the trainer's policy for the worker (of this rank's shards' whole model under FSDP2:
+    built on the meta device from the same spec, then filled by all-gathering the shards)."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in module.policy.parameters()):
+        return copy.deepcopy(module.policy).eval().requires_grad_(False)
+    from lit_sapo.models import load_policy
+    from lit_sapo.scoring import install_scoring_head
+
+    policy = load_policy(module.spec, on_meta=True).to_empty(device=module.device)
+    policy.tie_weights()  # to_empty gives tied weights separate storage again
+    install_scoring_head(policy)
+    policy.eval().requires_grad_(False)
+    copy_full_weights(module.policy, policy)
+    policy.generation_config = copy.deepcopy(module.policy.generation_config)  # the stop ids come from it
+    return policy
+
+
+def gather_in_flight(saved: list[dict]) -> list[dict] | dict:
+    """Every rank's finished in-flight rollouts, {rank: list}, under several processes (a collective: Lightning
+    writes a checkpoint on every rank); the list itself in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return saved
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, saved)
+    return dict(enumerate(everyone))
+
+
+def own_in_flight(saved: list[dict] | dict) -> list[dict]:
+    import torch.distributed as dist
+
+    if isinstance(saved, dict):  # written by several processes
+        return saved.get(dist.get_rank() if dist.is_initialized() else 0, [])
+    return saved
 
 
 def rollout_state(rollout: RolloutBatch) -> dict:
@@ -101,8 +161,7 @@ class AsyncRollouts:
     def _submit(self, batch: PromptBatch, module) -> None:
         if self.sampler.weight_version != module.weight_version:
             self.drain()  # the copy is refreshed between generations only
-            with torch.no_grad():
-                self.policy.load_state_dict(module.policy.state_dict())
+            copy_full_weights(module.policy, self.policy)
             self.sampler.sync_weights(self.policy, module.weight_version)
         # prompts and their token ids in this thread: the prompt sources and the tokenizer are not thread-safe
         prompt_ids = self.dm.rollout_prompt_ids(batch)
@@ -113,8 +172,9 @@ class AsyncRollouts:
         if self._bound_to is module.policy:
             return
         self.close()
-        self.policy = copy.deepcopy(module.policy).eval().requires_grad_(False)
+        self.policy = local_copy(module)
         self.sampler = copy.copy(self.dm.sampler)
+        self.sampler.collective = False  # a full copy on every rank: nothing to gather
         self.sampler.setup(self.policy, module.tokenizer, module.model_source)
         self.sampler.sync_weights(self.policy, module.weight_version)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lit-sapo-rollout")
@@ -140,8 +200,8 @@ class AsyncRollouts:
                 break
         return saved
 
-    def restore(self, saved: list[dict]) -> None:
-        self.restored = {int(s["rollout_index"]): dict(s) for s in saved}
+    def restore(self, saved: list[dict] | dict) -> None:
+        self.restored = {int(s["rollout_index"]): dict(s) for s in own_in_flight(saved)}
 
     def close(self) -> None:
         """Stop the worker: queued rollouts are dropped, the one it is generating finishes first."""

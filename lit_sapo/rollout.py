@@ -113,7 +113,8 @@ class RolloutDataModule(LightningDataModule):
         val_temperature: sampling temperature of validation (0 = greedy).
         max_staleness: k, the most weight versions a rollout may lag the trainer. 0 = strictly on-policy (each
             rollout sampled by the newest weights); k >= 1 = the next rollouts are sampled in a background thread
-            by a copy of the policy while the current one trains (HFSampler, one process; docs/async.md).
+            by a copy of the policy while the current one trains (HFSampler; under FSDP2 a full copy per rank;
+            docs/async.md).
     """
 
     def __init__(self, tokenizer: str = "smollm2-135m-instruct", task: ArithmeticTask | None = None,
@@ -228,7 +229,9 @@ class RolloutDataModule(LightningDataModule):
     def state_dict(self) -> dict:
         state = {"rollouts_consumed": self.rollouts_consumed, "seed": self.seed}
         if self.async_rollouts is not None:  # the finished in-flight rollouts, so a resume trains the same ones
-            state["in_flight"] = self.async_rollouts.state(self.rollouts_consumed)
+            from lit_sapo.async_rollout import gather_in_flight
+
+            state["in_flight"] = gather_in_flight(self.async_rollouts.state(self.rollouts_consumed))
         return state
 
     def load_state_dict(self, state: dict) -> None:

@@ -17,7 +17,8 @@ class LengthReward:
 
 
 class RolloutRecorder(Callback):
-    """Writes, per rollout, what the trainer saw: versions, prompts, completions, loss (JSONL at `path`)."""
+    """Writes, per rollout, what the trainer saw: versions, prompts, completions, loss (JSONL at `path`; a
+    `{rank}` in it becomes the process's rank, one file per rank)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -32,5 +33,5 @@ class RolloutRecorder(Callback):
         record = dict(self._start, prompts=batch.prompts, completions=batch.completions,
                       rewards=batch.rewards.tolist(), loss=float(outputs["loss"]),
                       module_version_after=pl_module.weight_version)
-        with open(self.path, "a") as f:
+        with open(self.path.format(rank=trainer.global_rank), "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -226,3 +226,59 @@ def test_rank0_loads_and_broadcasts_the_shards_the_others_build_on_meta():
     assert report["ranks"][0]["max_abs_diff_vs_disk"] == 0.0
     assert report["buffers_equal"]
     assert [r["local_param_mb"] for r in report["ranks"]][0] == report["ranks"][1]["local_param_mb"]
+
+
+# ---- asynchronous rollouts (data.max_staleness 1) under FSDP2 ----------------------------------------------------
+
+ASYNC_OVERLAY = OVERLAY.replace("""      init_args: {{path: {root}/probe.json}}
+""", """      init_args: {{path: {root}/probe.json}}
+    - class_path: tests.recorders.RolloutRecorder
+      init_args: {{path: "{root}/rollouts-rank{{rank}}.jsonl"}}
+""") + "  max_staleness: 1\n"
+
+
+@pytest.fixture(scope="module")
+def async_fits(tmp_path_factory):
+    base = tmp_path_factory.mktemp("async")
+    straight, resumed = base / "straight", base / "resumed"
+    for root in (straight, resumed):
+        root.mkdir()
+        (root / "overlay.yaml").write_text(ASYNC_OVERLAY.format(root=root))
+    args = ["-m", "lit_sapo.cli", "fit", "--config", "configs/cpu-2proc-fsdp.yaml", "--config"]
+    _run([sys.executable, *args, str(straight / "overlay.yaml")], base / "straight.log")
+    # resumed after rollout 2 from the sharded checkpoint: rollout 3 was in flight (sampled by v1) when it was saved
+    _run(_torchrun(*args, str(resumed / "overlay.yaml"), "--ckpt_path", str(straight / "checkpoints" / "step=4.ckpt")),
+         base / "resumed.log")
+    return straight, resumed
+
+
+def _records(root: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (root / f"rollouts-rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_async_rollouts_keep_one_schedule_on_every_fsdp_rank(async_fits):
+    straight, _ = async_fits
+    ranks = [_records(straight, r) for r in (0, 1)]
+    for records in ranks:
+        # rollout m sampled by weights v max(0, m - 1), trained at v m: staleness 0, 1, 1, 1
+        assert [r["batch_version"] for r in records] == [0, 0, 1, 2]
+        assert [r["module_version"] for r in records] == [0, 1, 2, 3]
+    assert ranks[0][1]["prompts"] != ranks[1][1]["prompts"]  # each rank samples its own shard of the prompts
+    rows = _metrics(straight)
+    assert [rows[k]["rollout/staleness"] for k in (1, 2, 3, 4)] == [0.0, 1.0, 1.0, 1.0]
+    assert all(rows[k]["train/loss"] != 0.0 for k in (2, 3, 4))
+
+
+def test_async_fsdp_resume_trains_the_checkpointed_in_flight_rollouts(async_fits):
+    straight, resumed = async_fits
+    for rank in (0, 1):  # each rank gets back its own in-flight rollout, then samples the next like the straight run
+        a, b = _records(straight, rank)[2:], _records(resumed, rank)
+        assert [r["rollout_index"] for r in b] == [2, 3]
+        for x, y in zip(a, b):
+            assert (x["batch_version"], x["completions"], x["rewards"]) == (y["batch_version"], y["completions"],
+                                                                            y["rewards"])
+            assert y["loss"] == pytest.approx(x["loss"], abs=1e-6)
+    a, b = _metrics(straight), _metrics(resumed)
+    for k in (3, 4):
+        for key in ("reward/mean", "train/loss", "train/grad_norm", "rollout/staleness"):
+            assert b[k][key] == pytest.approx(a[k][key], abs=1e-6), (k, key)

@@ -89,6 +89,9 @@ class HFSampler:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.share_prefill = share_prefill
+        # False for a sampler over a full per-rank copy of the policy (asynchronous rollouts under FSDP2): its
+        # forward passes gather nothing, so the ranks need not run the same number of them
+        self.collective = True
         self.weight_version = 0
         self.policy: nn.Module | None = None
         self.tokenizer = None
@@ -183,7 +186,7 @@ class HFSampler:
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         config, processors, recorder = self.generation_settings(temperature, max_new_tokens, top_p)
         # every FSDP rank must run the same number of forward passes (they all-gather weights)
-        synced_gpus = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        synced_gpus = self.collective and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         kwargs = {}
         share = self.share_prefill and num_generations > 1 and width > 1
         if synced_gpus:  # the prefill is a forward pass: all ranks run it or none
