@@ -1,7 +1,9 @@
-"""Asynchronous rollouts with bounded staleness (`data.max_staleness: k >= 1`), HFSampler.
+"""Asynchronous rollouts with bounded staleness (`data.max_staleness: k >= 1`).
 
 A single background thread samples and grades the next rollouts with its own copy of the policy while the
 trainer updates on the current one (sampling and the update then run on different cores, or overlap on a GPU).
+With HFSampler the copy is a second model; with VLLMSampler (one process) it is the engine, which holds its own
+weights anyway and is synced from the trainer on the main thread.
 Under FSDP2 every rank keeps a full copy: its worker generates without collectives (HFSampler.collective off),
 and the copies are refreshed by all-gathering the shards on the main thread, at the same rollout index on every
 rank (the schedule below depends on indices only), so no rank waits on another's worker.
@@ -38,12 +40,22 @@ from lit_sapo.sampling import HFSampler
 
 
 def check_max_staleness(max_staleness, sampler) -> None:
-    """data.max_staleness: an int >= 0; k >= 1 needs HFSampler (the background worker holds a copy of the policy)."""
+    """data.max_staleness: an int >= 0. k >= 1 with VLLMSampler: the engine must stay awake while the trainer
+    updates (sleep mode would hand its memory to the update, so nothing could overlap)."""
     if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
         raise ValueError(f"data.max_staleness: must be an integer >= 0 (0 = on-policy), got {max_staleness!r}")
-    if max_staleness > 0 and not isinstance(sampler, HFSampler):
-        raise ValueError(f"data.max_staleness: {max_staleness} (asynchronous rollouts) runs with HFSampler only, not "
-                         f"{type(sampler).__name__}; set data.max_staleness: 0 or use lit_sapo.sampling.HFSampler")
+    if max_staleness > 0 and not isinstance(sampler, HFSampler) and getattr(sampler, "enable_sleep_mode", False):
+        raise ValueError(f"data.sampler.enable_sleep_mode: data.max_staleness {max_staleness} samples while the "
+                         f"trainer updates, so the engine cannot sleep; set enable_sleep_mode: false and leave "
+                         f"GPU memory for both (gpu_memory_utilization)")
+
+
+def check_world_size(max_staleness: int, sampler, world_size: int) -> None:
+    """k >= 1 under several processes runs with HFSampler: a vLLM engine under external_launcher runs collectives
+    of its own, which a background thread would interleave with the trainer's."""
+    if max_staleness > 0 and world_size > 1 and not isinstance(sampler, HFSampler):
+        raise ValueError(f"data.max_staleness: {max_staleness} with {type(sampler).__name__} runs in one process "
+                         f"only, got {world_size}; use lit_sapo.sampling.HFSampler or data.max_staleness: 0")
 
 
 def _plain_name(name: str) -> str:
@@ -161,8 +173,11 @@ class AsyncRollouts:
     def _submit(self, batch: PromptBatch, module) -> None:
         if self.sampler.weight_version != module.weight_version:
             self.drain()  # the copy is refreshed between generations only
-            copy_full_weights(module.policy, self.policy)
-            self.sampler.sync_weights(self.policy, module.weight_version)
+            if self.policy is None:  # vLLM: the engine is the worker's copy
+                self.sampler.sync_weights(module.policy, module.weight_version)
+            else:
+                copy_full_weights(module.policy, self.policy)
+                self.sampler.sync_weights(self.policy, module.weight_version)
         # prompts and their token ids in this thread: the prompt sources and the tokenizer are not thread-safe
         prompt_ids = self.dm.rollout_prompt_ids(batch)
         self.in_flight[batch.rollout_index] = self.executor.submit(
@@ -172,11 +187,15 @@ class AsyncRollouts:
         if self._bound_to is module.policy:
             return
         self.close()
-        self.policy = local_copy(module)
-        self.sampler = copy.copy(self.dm.sampler)
-        self.sampler.collective = False  # a full copy on every rank: nothing to gather
-        self.sampler.setup(self.policy, module.tokenizer, module.model_source)
-        self.sampler.sync_weights(self.policy, module.weight_version)
+        if isinstance(self.dm.sampler, HFSampler):
+            self.policy = local_copy(module)
+            self.sampler = copy.copy(self.dm.sampler)
+            self.sampler.collective = False  # a full copy on every rank: nothing to gather
+            self.sampler.setup(self.policy, module.tokenizer, module.model_source)
+            self.sampler.sync_weights(self.policy, module.weight_version)
+        else:  # vLLM: the datamodule's engine, used by one thread at a time (validation drains the worker first)
+            self.dm.ensure_synced(module)
+            self.sampler = self.dm.sampler
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lit-sapo-rollout")
         self._bound_to = module.policy
 

@@ -193,6 +193,11 @@ class SAPOModule(LightningModule):
                                  "(the datamodule has no sampler.max_new_tokens to default to)")
             self.loss_settings = dataclasses.replace(self.loss_settings, norm_length=int(max_new_tokens))
         self.max_staleness = int(getattr(datamodule, "max_staleness", 0) or 0)
+        if self.max_staleness:
+            from lit_sapo.async_rollout import check_world_size
+
+            check_world_size(self.max_staleness, getattr(datamodule, "sampler", None),
+                             trainer.world_size if trainer is not None else 1)
 
     # ---- models -------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

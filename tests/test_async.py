@@ -171,13 +171,20 @@ def test_resume_with_k1_logs_what_an_uninterrupted_run_logs(tmp_path):
     assert comparable(read_metrics(straight)[2:]) == comparable(read_metrics(resumed))
 
 
-def test_k1_is_refused_with_vllm_and_bound_in_several_processes():
-    with pytest.raises(ValueError, match=r"^data\.max_staleness: 1 .*HFSampler only, not VLLMSampler; set "
-                                         r"data\.max_staleness: 0"):
-        RolloutDataModule(tokenizer="tiny-random-llama", sampler=VLLMSampler(), max_staleness=1)
-    dm = RolloutDataModule(tokenizer="tiny-random-llama", max_staleness=1, prompts_per_step=2)
-    # several processes (FSDP2): each rank keeps a full copy (tests/test_distributed.py runs it on 2 processes)
-    for devices in (2, 1):
+def test_k1_with_vllm_needs_an_awake_engine_and_one_process():
+    sleepy = VLLMSampler()
+    sleepy.enable_sleep_mode = True  # what None resolves to on a GPU machine (the constructor refuses it on CPU)
+    with pytest.raises(ValueError, match=r"^data\.sampler\.enable_sleep_mode: data\.max_staleness 1 samples while "
+                                         r"the trainer updates.*set enable_sleep_mode: false"):
+        RolloutDataModule(tokenizer="tiny-random-llama", sampler=sleepy, max_staleness=1)
+    vllm_dm = RolloutDataModule(tokenizer="tiny-random-llama", sampler=VLLMSampler(), max_staleness=1,
+                                prompts_per_step=2)
+    with pytest.raises(ValueError, match=r"^data\.max_staleness: 1 with VLLMSampler runs in one process only, "
+                                         r"got 2; use lit_sapo\.sampling\.HFSampler"):
+        SAPOModule().bind_run(Trainer(accelerator="cpu", devices=2, logger=False, enable_checkpointing=False), vllm_dm)
+    hf_dm = RolloutDataModule(tokenizer="tiny-random-llama", max_staleness=1, prompts_per_step=2)
+    # HFSampler in several processes (FSDP2): each rank keeps a full copy (tests/test_distributed.py runs it)
+    for dm, devices in ((hf_dm, 2), (hf_dm, 1), (vllm_dm, 1)):
         module = SAPOModule()  # no model is loaded before configure_model
         module.bind_run(Trainer(accelerator="cpu", devices=devices, logger=False, enable_checkpointing=False), dm)
         assert module.max_staleness == 1

