@@ -12,14 +12,14 @@ The schedule is fixed by rollout indices, never by timing, so a run is reproduci
 - when the trainer asks for rollout n, its weights are at version V (V = n: one version per rollout);
 - rollouts n .. n + k that are not yet queued are queued now, in order, each to be sampled with version V;
 - before that, the worker's copy is brought to version V: the worker first finishes what it is generating
-  (it never samples with half-copied weights), then the trainer's state_dict is copied into it.
+  (it never samples with half-copied weights), then the trainer's weights are copied into it.
 So rollout m is sampled by weights of version max(0, m - k) and trained at version m: staleness min(m, k).
 Each rollout keeps its sampling seed (run seed, rollout index, rank), as in the synchronous loop.
 
 Exact resume: the datamodule's checkpoint state holds the finished in-flight rollouts (`state`), which a resumed
 run trains instead of sampling them again; with several processes, those of every rank (gathered when the
-checkpoint is written, each rank restores its own). A rollout that had not finished (a SIGTERM while it was sampled) is
-sampled again after the resume with the checkpoint's weights, still within the bound.
+checkpoint is written, each rank restores its own). A rollout that had not finished (a SIGTERM while it was
+sampled) is sampled again after the resume with the checkpoint's weights, still within the bound.
 
 Assumption: the update draws nothing from torch's global RNG (dropout is off, see lit_sapo.models.disable_dropout;
 minibatch order has its own generator): the worker's `generate` seeds and uses that RNG while the update runs.
@@ -82,8 +82,8 @@ def copy_full_weights(source: nn.Module, target: nn.Module) -> None:
 
 
 def local_copy(module) -> nn.Module:
-    """A full, frozen copy of the trainer's policy for the worker (of this rank's shards' whole model under FSDP2:
-    built on the meta device from the same spec, then filled by all-gathering the shards)."""
+    """A full, frozen copy of the trainer's policy for the worker. Under FSDP2 (DTensor parameters) it is built
+    on the meta device from the same spec and filled by all-gathering the shards: a collective."""
     from torch.distributed.tensor import DTensor
 
     if not any(isinstance(p, DTensor) for p in module.policy.parameters()):
@@ -115,9 +115,10 @@ def gather_in_flight(saved: list[dict]) -> list[dict] | dict:
 def own_in_flight(saved: list[dict] | dict) -> list[dict]:
     import torch.distributed as dist
 
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if isinstance(saved, dict):  # written by several processes
-        return saved.get(dist.get_rank() if dist.is_initialized() else 0, [])
-    return saved
+        return saved.get(dist.get_rank() if several else 0, [])
+    return [] if several else saved  # one process's rollouts in several: sampled again, within the bound
 
 
 def rollout_state(rollout: RolloutBatch) -> dict:
@@ -141,7 +142,9 @@ class AsyncRollouts:
         self.dm = datamodule
         self.max_staleness = max_staleness
         self.executor: ThreadPoolExecutor | None = None
-        self.sampler: HFSampler | None = None  # generates with `self.policy`, the worker's copy of the weights
+        # the worker's sampler: an HFSampler over `self.policy` (its copy of the weights), or the datamodule's
+        # VLLMSampler, whose engine holds the copy (then `self.policy` stays None)
+        self.sampler = None
         self.policy = None
         self._bound_to = None  # the trainer's policy the copy was made from
         self.in_flight: dict[int, Future] = {}  # rollout index -> future RolloutBatch (CPU tensors)
