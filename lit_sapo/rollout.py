@@ -113,8 +113,8 @@ class RolloutDataModule(LightningDataModule):
         val_temperature: sampling temperature of validation (0 = greedy).
         max_staleness: k, the most weight versions a rollout may lag the trainer. 0 = strictly on-policy (each
             rollout sampled by the newest weights); k >= 1 = the next rollouts are sampled in a background thread
-            by a copy of the policy while the current one trains (HFSampler; under FSDP2 a full copy per rank;
-            docs/async.md).
+            by a copy of the policy while the current one trains (HFSampler, under FSDP2 with a full copy per rank;
+            VLLMSampler in one process; docs/async.md).
     """
 
     def __init__(self, tokenizer: str = "smollm2-135m-instruct", task: ArithmeticTask | None = None,
