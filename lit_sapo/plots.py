@@ -28,6 +28,8 @@ PANELS: dict[str, tuple[str, ...]] = {
     "gated fraction": ("train/gated_frac", "ratio/gated_frac"),
     "completion length": ("completion/len_mean",),
 }
+# spread over orders of magnitude (a single stale token can put r at 1e2): a log axis
+LOG_PANELS = {"importance-ratio variance"}
 BENCH_PATTERN = re.compile(r"^(eval|bench)/.+/(pass@1|accuracy)$")
 
 
@@ -141,7 +143,9 @@ def _draw_panel(ax, groups: dict[str, list[dict]], keys: tuple[str, ...], title:
         drawn = True
     ax.set_xlabel("rollout step")
     ax.set_ylabel(keys[0])
-    ax.set_title(title)
+    ax.set_title(title + (" (log)" if title in LOG_PANELS else ""))
+    if drawn and title in LOG_PANELS:
+        ax.set_yscale("log")
     if legend and drawn:
         ax.legend(fontsize=7)
     return drawn
