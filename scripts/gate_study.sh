@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU-scale gate study of docs/gate-study.md: all five gates at the paper's tau 10 / 12 and SAPO's 1 / 1.05
 # (clip at eps 0.2 / 0.28), 2 seeds, the off-policy overlay; then the comparison figures and the stress probe.
-# ~48 min for the sweep on a 2-core CPU (it resumes where it stopped), ~4 min for the probe.
+# ~48 min for the sweep on a 2-core CPU (it resumes where it stopped), ~11 min for the probe.
 #   bash scripts/gate_study.sh [OUT_DIR]          (default runs/study; the probe goes to OUT_DIR-probe)
 set -euo pipefail
 cd "$(dirname "$0")/.."
