@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 from torch import nn
 
-from lit_sapo.rollout import PromptBatch, RolloutBatch
+from lit_sapo.rollout import PromptBatch, RolloutBatch, _rank_world
 from lit_sapo.sampling import HFSampler
 
 
@@ -58,20 +58,16 @@ def check_world_size(max_staleness: int, sampler, world_size: int) -> None:
                          f"only, got {world_size}; use lit_sapo.sampling.HFSampler or data.max_staleness: 0")
 
 
-def _plain_name(name: str) -> str:
-    for part in ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
-        name = name.replace(part, "")
-    return name
-
-
 def copy_full_weights(source: nn.Module, target: nn.Module) -> None:
     """target's parameters and buffers <- source's, by name; FSDP2 shards (DTensors) are all-gathered first.
 
     A collective when `source` is sharded: every rank calls it at the same point (the same rollout index)."""
     from torch.distributed.tensor import DTensor
 
-    params = {_plain_name(n): p for n, p in source.named_parameters()}
-    buffers = {_plain_name(n): b for n, b in source.named_buffers()}
+    from lit_sapo.distributed import unwrapped_name
+
+    params = {unwrapped_name(n): p for n, p in source.named_parameters()}
+    buffers = {unwrapped_name(n): b for n, b in source.named_buffers()}
     with torch.no_grad():
         for group, named in ((params, target.named_parameters()), (buffers, target.named_buffers())):
             for name, tensor in named:
@@ -103,22 +99,19 @@ def local_copy(module) -> nn.Module:
 def gather_in_flight(saved: list[dict]) -> list[dict] | dict:
     """Every rank's finished in-flight rollouts, {rank: list}, under several processes (a collective: Lightning
     writes a checkpoint on every rank); the list itself in one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    _, world = _rank_world()
+    if world == 1:
         return saved
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, saved)
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, saved)
     return dict(enumerate(everyone))
 
 
 def own_in_flight(saved: list[dict] | dict) -> list[dict]:
-    import torch.distributed as dist
-
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = _rank_world()
     if isinstance(saved, dict):  # written by several processes
-        return saved.get(dist.get_rank() if several else 0, [])
-    return [] if several else saved  # one process's rollouts in several: sampled again, within the bound
+        return saved.get(rank, [])
+    return saved if world == 1 else []  # one process's rollouts in several: sampled again, within the bound
 
 
 def rollout_state(rollout: RolloutBatch) -> dict:

